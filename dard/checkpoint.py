@@ -1,0 +1,75 @@
+"""Training checkpoints: everything to resume exactly, written atomically, read weights-only.
+
+Layout: ``{"epoch", "model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "config",
+"history", "extra"}`` -- tensors and plain values only, so ``torch.load(weights_only=True)``
+reads it and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config: dict, history: list,
+                     extra: dict | None = None) -> dict[str, Any]:
+    """``epoch`` is the last *finished* epoch (0-based); resume starts at epoch + 1."""
+    return {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": config,
+        "history": history,
+        "extra": dict(extra or {}),
+    }
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); delete it to restart "
+                              "from scratch") from err
+    for key in ("epoch", "model", "optimizer"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a dard checkpoint (no {key!r})")
+    return state
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True) -> int:
+    """Load a checkpoint into live objects; returns the epoch to start from."""
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["epoch"]) + 1

@@ -1,0 +1,226 @@
+"""``dard ...``: thin subcommands -- parse, build a Config, call the same functions the Ray jobs call."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import yaml
+
+from dard.config import DATASETS, DIVERGENCES, DPGD_LOSSES, METHODS, STEP_SCHEDULES, Config, ConfigError, load_yaml
+
+log = logging.getLogger("dard")
+
+
+def pixel_value(text: str) -> float:
+    """'8/255' or '0.03' -> float (eps and step sizes on the [0, 1] scale)."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as err:
+        raise argparse.ArgumentTypeError(f"expected a number like 8/255 or 0.03, got {text!r}") from err
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods: tuple[str, ...]) -> None:
+    g = p.add_argument_group("run configuration (flags override --config)")
+    g.add_argument("--config", help="YAML run config (see `dard config --dataset digits`)")
+    g.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, nothing downloaded)")
+    g.add_argument("--data-dir", help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/")
+    g.add_argument("--arch", help="architecture (see `dard models`)")
+    g.add_argument("--method", choices=methods, default=None, help=f"training objective (default {method_default})")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--eps", type=pixel_value, help="L-inf radius on [0,1] pixels, e.g. 8/255")
+    g.add_argument("--step-size", type=pixel_value)
+    g.add_argument("--steps", type=int, help="inner attack steps")
+    g.add_argument("--temperature", type=float, help="distillation temperature tau")
+    g.add_argument("--divergence", choices=DIVERGENCES)
+    g.add_argument("--dpgd-loss", choices=DPGD_LOSSES)
+    g.add_argument("--dpgd-schedule", choices=STEP_SCHEDULES)
+    g.add_argument("--limit-train", type=int, help="use only the first N training samples")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config field, e.g. --set loss.w_adv=0.5 (repeatable; VALUE parsed as YAML)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(method_default=method_default)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Config from --config (or the dataset's defaults), then flags, then --set overrides."""
+    if args.config:
+        cfg = load_yaml(args.config)
+        raw = cfg.to_dict()
+        if args.dataset and args.dataset != cfg.data.dataset:
+            raw = Config.for_dataset(args.dataset).to_dict() | {k: v for k, v in raw.items() if k != "data"}
+            raw["data"]["dataset"] = args.dataset
+    else:
+        raw = Config.for_dataset(args.dataset or "digits").to_dict()
+        raw["loss"]["method"] = args.method_default
+    flags = {
+        ("data", "data_dir"): args.data_dir, ("data", "limit_train"): args.limit_train, ("model", "arch"): args.arch,
+        ("loss", "method"): args.method, ("optim", "epochs"): args.epochs, ("optim", "batch_size"): args.batch_size,
+        ("optim", "lr"): args.lr, ("attack", "eps"): args.eps, ("attack", "step_size"): args.step_size,
+        ("attack", "steps"): args.steps, ("loss", "temperature"): args.temperature,
+        ("loss", "divergence"): args.divergence, ("attack", "dpgd_loss"): args.dpgd_loss,
+        ("attack", "dpgd_schedule"): args.dpgd_schedule, ("run", "seed"): args.seed, ("run", "device"): args.device,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            raw[section][key] = value
+    if args.amp:
+        raw["optim"]["amp"] = True
+    if args.no_progress:
+        raw["run"]["progress"] = False
+    for item in args.set:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. loss.w_adv=0.5")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in raw:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: {sorted(raw)}")
+        raw[section][key] = yaml.safe_load(value)
+    from dard.config import from_dict
+
+    return from_dict(raw)
+
+
+def _run_dir(out: Path, given: str | None) -> Path:
+    return Path(given) if given else out.with_name(out.stem + "-run")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """train-teacher and distill: one training function, different defaults."""
+    from dard.training import fit
+
+    cfg = build_config(args)
+    out = Path(args.out)
+    cfg.run.out_dir = str(_run_dir(out, args.run_dir))
+    result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
+                 resume=args.resume)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result["model_path"], out)
+    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: validation natural "
+          f"{100 * result.get('val_natural_acc', float('nan')):.2f}%, PGD-{cfg.run.eval_pgd_steps} "
+          f"{100 * result.get('val_pgd_acc', float('nan')):.2f}%")
+    print(f"model: {out}   checkpoints and history: {cfg.run.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dard.config import Config as _Config
+    from dard.data import load_splits, to_float
+    from dard.engine import resolve_device
+    from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
+    from dard.config import NUM_CLASSES
+    from dard.models import load_model
+
+    model, header = load_model(args.model)
+    dataset = header["dataset"]
+    saved = (header.get("meta") or {}).get("config")
+    cfg = _Config.for_dataset(dataset)
+    if saved:
+        from dard.config import from_dict
+
+        cfg = from_dict(saved)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    device = resolve_device(args.device or "auto")
+    model = model.to(device)
+    split = getattr(load_splits(cfg.data), args.split)
+    attacks = tuple(args.attacks.split(",")) if args.attacks else ATTACKS
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ConfigError(f"--attacks: unknown {sorted(unknown)}; choose from {','.join(ATTACKS)}")
+    settings = EvalSettings(eps=args.eps if args.eps is not None else cfg.attack.eps,
+                            step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
+                            attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
+                            seed=args.seed, num_classes=NUM_CLASSES[dataset], dpgd_loss=cfg.attack.dpgd_loss,
+                            dpgd_schedule=cfg.attack.dpgd_schedule, sanity_checks=not args.no_checks)
+    report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
+    report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
+                   "method": (header.get("meta") or {}).get("method")}
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model).with_name(Path(args.model).stem + "-eval")
+    paths = write_report(report, out_dir)
+    print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
+    print(report.table())
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dard.models import available, build, count_parameters
+
+    for name in available():
+        print(f"{name:<12} {count_parameters(build(name, 10, 3)):>12,d} parameters (10 classes, RGB)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(Config.for_dataset(args.dataset).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dard", description="Dice Adversarial Robustness Distillation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="adversarially train a teacher (TRADES, SAT) in one process")
+    _add_config_args(p, method_default="trades", methods=("natural", "sat", "trades"))
+    p.add_argument("--out", default="teacher.pt", help="model file to write")
+    p.add_argument("--run-dir", help="checkpoints + history (default: <out stem>-run/ beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student from a teacher (DARD, RSLAD, ARD) or a baseline")
+    _add_config_args(p, method_default="dard", methods=METHODS)
+    p.add_argument("--teacher", help="teacher model file (dard file, or a bare state dict with --teacher-arch)")
+    p.add_argument("--teacher-arch", help="architecture of a bare-state-dict teacher, e.g. wrn34_10")
+    p.add_argument("--out", default="student.pt")
+    p.add_argument("--run-dir")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="robustness report: natural, FGSM, PGD-20, BIM, T-PGD, CW, DPGD, AutoAttack")
+    p.add_argument("--model", required=True, help="dard model file")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--attacks", help="comma list (default: all): natural,fgsm,pgd20,bim10,tpgd10,cw20,dpgd20,autoattack")
+    p.add_argument("--limit", type=int, help="evaluate the first N samples")
+    p.add_argument("--aa-limit", type=int, default=500, help="AutoAttack on the first N samples (default 500)")
+    p.add_argument("--eps", type=pixel_value)
+    p.add_argument("--step-size", type=pixel_value)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
+    p.add_argument("--out-dir", help="report folder (default: <model stem>-eval/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list architectures")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("config", help="print a dataset's default run config as YAML")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # Expected failures (bad config, missing data, wrong checkpoint, NaN loss): one clear line.
+        print(f"dard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Datasets, splits and the crop/flip augmentation whose parameters the shards record.
+
+Every dataset is held in memory as ``uint8`` images ``(N, C, H, W)`` on the 8-bit grid plus
+``int64`` labels: digits (1797 images, 8x8) and CIFAR (60k, 32x32) are small enough, and the
+shard format stores natural views as uint8 too, so both paths see identical pixels.
+Model inputs are ``float32`` in [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dard.config import DataConfig, NUM_CLASSES
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder is missing or incomplete; the message says what to put where."""
+
+
+@dataclass
+class ArrayDataset:
+    """images: uint8 (N, C, H, W); labels: int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> "ArrayDataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ArrayDataset(self.images[idx], self.labels[idx], self.num_classes, self.name)
+
+    def head(self, n: int | None) -> "ArrayDataset":
+        return self if n is None or n >= len(self) else self.subset(torch.arange(n))
+
+
+@dataclass
+class Splits:
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+
+def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> float32 in [0, 1]."""
+    return images_uint8.float().div_(255.0)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """The run's train/val/test splits. Validation is carved out of training, by ``split_seed``."""
+    if cfg.dataset == "digits":
+        splits = _digits_splits(cfg)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train, test = _cifar(cfg.dataset, cfg.data_dir)
+        train, val = _split(train, cfg.val_fraction, cfg.split_seed)
+        splits = Splits(train, val, test)
+    else:
+        raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+    if cfg.limit_train is not None:
+        splits.train = splits.train.head(cfg.limit_train)
+    return splits
+
+
+def _digits_splits(cfg: DataConfig) -> Splits:
+    from sklearn.datasets import load_digits  # ships its data: nothing is downloaded
+
+    bunch = load_digits()
+    # Values are integers 0..16; put them on the 8-bit grid so they are exactly storable as uint8.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    full = ArrayDataset(torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)), 10, "digits")
+    rest, test = _split(full, cfg.test_fraction, cfg.split_seed)
+    train, val = _split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.split_seed + 1)
+    return Splits(train, val, test)
+
+
+def _split(ds: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Stratified-free random split: (rest, held_out) with round(fraction*N) held out."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(ds), generator=gen)
+    n_held = int(round(fraction * len(ds)))
+    held, rest = perm[:n_held].sort().values, perm[n_held:].sort().values
+    return ds.subset(rest), ds.subset(held)
+
+
+_CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", "torchvision.datasets.CIFAR10"),
+    "cifar100": ("cifar-100-python", "torchvision.datasets.CIFAR100"),
+}
+
+
+def _cifar(name: str, data_dir: str | None) -> tuple[ArrayDataset, ArrayDataset]:
+    """CIFAR from a local folder in torchvision's format; never downloads."""
+    from torchvision import datasets
+
+    folder, cls_name = _CIFAR_LAYOUT[name]
+    howto = (f"Put the extracted python-version archive there, so that <data_dir>/{folder}/ exists "
+             f"(the layout {cls_name}(root=<data_dir>, download=True) creates on a machine with internet), "
+             f"and pass --data-dir <data_dir>.")
+    if not data_dir:
+        raise DatasetNotFoundError(f"{name}: no --data-dir given. {howto}")
+    root = Path(data_dir).expanduser()
+    if not (root / folder).is_dir():
+        raise DatasetNotFoundError(f"{name}: {root / folder} does not exist. {howto}")
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(root=str(root), train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise DatasetNotFoundError(f"{name}: {root / folder} is incomplete or corrupted ({err}). {howto}") from err
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        out.append(ArrayDataset(images, torch.as_tensor(ds.targets, dtype=torch.long), NUM_CLASSES[name], name))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation with explicit parameters.
+# torchvision's RandomCrop/RandomHorizontalFlip draw their parameters internally and per image;
+# the shard format must record (dx, dy, flip) for each stored view, and a batched gather is much
+# faster than per-image transforms on the CPU, so the crop is written here.
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample crop offsets in [-pad, pad] (int) and horizontal flips (bool), each (N,)."""
+
+    dx: torch.Tensor
+    dy: torch.Tensor
+    flip: torch.Tensor
+
+
+def draw_augment(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> AugmentParams:
+    dx = torch.randint(-padding, padding + 1, (n,), generator=generator)
+    dy = torch.randint(-padding, padding + 1, (n,), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return AugmentParams(dx, dy, flips)
+
+
+def identity_augment(n: int) -> AugmentParams:
+    zeros = torch.zeros(n, dtype=torch.long)
+    return AugmentParams(zeros, zeros.clone(), torch.zeros(n, dtype=torch.bool))
+
+
+def apply_augment(images: torch.Tensor, params: AugmentParams, padding: int) -> torch.Tensor:
+    """Crop (zero padding, like torchvision's RandomCrop(padding=p)) then flip.
+
+    images: (N, C, H, W) of any dtype; returns the same shape and dtype. A shift (dx, dy) moves
+    the crop window by that many pixels from the centre; (0, 0, no flip) is the identity.
+    """
+    if padding == 0 and not bool(params.flip.any()):
+        return images
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    rows = torch.arange(h).view(1, h) + (padding + params.dy.view(n, 1))
+    cols = torch.arange(w).view(1, w) + (padding + params.dx.view(n, 1))
+    cols = torch.where(params.flip.view(n, 1), cols.flip(1), cols)
+    batch = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def iterate_batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool, augment: DataConfig | None = None,
+                    generator: torch.Generator | None = None, drop_last: bool = False,
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y, index)``: x float32 (B, C, H, W) in [0, 1], y int64 (B,), index into ``ds``.
+
+    With ``augment`` given, each batch gets a fresh random crop/flip from ``generator``.
+    """
+    n = len(ds)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        images = ds.images[idx]
+        if augment is not None:
+            params = draw_augment(len(idx), augment.crop_padding, augment.flip, generator)
+            images = apply_augment(images, params, augment.crop_padding)
+        yield to_float(images), ds.labels[idx], idx
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)

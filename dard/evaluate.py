@@ -1,0 +1,268 @@
+"""Robustness report: the fixed protocol of DESIGN section 7, an eps curve, and sanity checks.
+
+Protocol (L-inf, inputs in [0, 1]): natural; FGSM; PGD-20 (random start); BIM-10; T-PGD-10
+(TRADES KL); CW-inf-20 (margin loss); DPGD-20; AutoAttack standard (official implementation).
+Step size is the run's ``step_size`` (2/255 for CIFAR) for every iterative attack; evaluation
+attacks keep, per sample, the first iterate that fools the model.
+
+Sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness") run with every report;
+a failed check is printed and stored in the JSON, never dropped:
+- ``eps0_equals_natural``: the attack loop at eps = 0 gives natural accuracy (a randomised or
+  non-deterministic model fails this);
+- ``monotone_in_eps``: PGD accuracy does not increase with eps;
+- ``iterative_beats_fgsm``: PGD-20 and BIM-10 are no weaker than FGSM;
+- ``blackbox_not_stronger``: the gradient-free Square attack is no stronger than the best
+  white-box attack (a stronger Square means gradients are masked);
+- ``large_eps_breaks``: at eps = 0.5 PGD drives accuracy to ~0 (<= 5 %).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dard.attacks.autoattack import autoattack
+from dard.attacks.dpgd import dpgd
+from dard.attacks.pgd import bim, cw_inf, fgsm, pgd, projected_gradient_attack, trades_pgd
+from dard.engine import correct_under
+from dard.progress import progress_bar
+
+ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
+EPS_CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+LARGE_EPS = 0.5
+
+
+@dataclass
+class EvalSettings:
+    """eps/step on the [0, 1] pixel scale. ``limit`` caps the samples (the first N of the split)."""
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    attacks: tuple[str, ...] = ATTACKS
+    limit: int | None = None
+    autoattack_limit: int | None = 1000  # AutoAttack is minutes per hundred samples on a CPU
+    autoattack_version: str = "standard"
+    batch_size: int = 256
+    seed: int = 0
+    dpgd_loss: str = "dice"
+    dpgd_schedule: str = "constant"
+    eps_curve: bool = True
+    sanity_checks: bool = True
+    square_queries: int = 1000
+    num_classes: int = 10
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    accuracy: dict[str, float]
+    samples: dict[str, int]
+    eps_curve: list[tuple[float, float]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "samples": self.samples, "eps_curve": self.eps_curve,
+                "checks": [asdict(c) for c in self.checks], "settings": self.settings, "seconds": self.seconds,
+                "meta": self.meta}
+
+    def table(self) -> str:
+        lines = [f"{'attack':<12} {'accuracy':>9} {'samples':>8} {'seconds':>8}"]
+        for name, acc in self.accuracy.items():
+            lines.append(f"{name:<12} {100 * acc:>8.2f}% {self.samples[name]:>8d} {self.seconds.get(name, 0):>8.1f}")
+        for c in self.checks:
+            lines.append(f"{'ok  ' if c.passed else 'WARNING'} {c.name}: {c.detail}")
+        return "\n".join(lines)
+
+
+def _attack_fns(s: EvalSettings, gen_seed: int) -> dict[str, Callable]:
+    eps, step = s.eps, s.step_size
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(gen_seed)
+
+    return {
+        "natural": None,
+        "fgsm": lambda m, x, y: fgsm(m, x, y, eps, labels_for_early_keep=y),
+        "pgd20": lambda m, x, y: pgd(m, x, y, eps, step, 20, labels_for_early_keep=y, generator=gen()),
+        "bim10": lambda m, x, y: bim(m, x, y, eps, step, 10, labels_for_early_keep=y),
+        "tpgd10": lambda m, x, y: trades_pgd(m, x, eps, step, 10, labels_for_early_keep=y, generator=gen()),
+        "cw20": lambda m, x, y: cw_inf(m, x, y, eps, step, 20, labels_for_early_keep=y, generator=gen()),
+        "dpgd20": lambda m, x, y: dpgd(m, x, y, eps=eps, step_size=step, steps=20, loss=s.dpgd_loss,
+                                       schedule=s.dpgd_schedule, labels_for_early_keep=y, generator=gen()),
+    }
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+                   progress: bool = True) -> Report:
+    """Run the protocol on x (N, C, H, W) in [0, 1], y (N,). Returns a :class:`Report`."""
+    unknown = set(settings.attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    if settings.limit is not None:
+        x, y = x[:settings.limit], y[:settings.limit]
+    model.eval()
+    device = next(model.parameters()).device
+    fns = _attack_fns(settings, settings.seed)
+    accuracy, samples, seconds = {}, {}, {}
+    correct: dict[str, torch.Tensor] = {}
+    names = [a for a in ATTACKS if a in settings.attacks or a == "natural"]
+    with progress_bar(len(names), "evaluate", enabled=progress) as bar:
+        for name in names:
+            start = time.perf_counter()
+            if name == "autoattack":
+                n = settings.autoattack_limit or len(y)
+                result = autoattack(model, x[:n], y[:n], eps=settings.eps, num_classes=settings.num_classes,
+                                    version=settings.autoattack_version, batch_size=settings.batch_size,
+                                    seed=settings.seed, device=device)
+                correct[name] = result.robust
+            else:
+                correct[name] = correct_under(model, x, y, fns[name], settings.batch_size)
+            accuracy[name] = correct[name].float().mean().item()
+            samples[name] = len(correct[name])
+            seconds[name] = time.perf_counter() - start
+            bar.update(1, attack=name)
+    report = Report(accuracy, samples, settings=asdict(settings), seconds=seconds)
+    if settings.eps_curve:
+        report.eps_curve = eps_curve(model, x, y, settings)
+    if settings.sanity_checks:
+        report.checks = sanity_checks(model, x, y, settings, report)
+    return report
+
+
+def _pgd_at(eps: float, steps: int, seed: int, step_size: float | None = None) -> Callable:
+    step = step_size if step_size is not None else max(eps / 4, 1e-12)
+
+    def attack(m, x, y):
+        # Runs the loop even at eps = 0 (no shortcut), so the eps-0 check exercises the pipeline.
+        return projected_gradient_attack(m, x, y, eps=eps, step_size=step, steps=steps, random_start="uniform",
+                                         labels_for_early_keep=y, generator=torch.Generator().manual_seed(seed))
+
+    return attack
+
+
+def eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings, steps: int = 10) -> list[tuple[float, float]]:
+    """PGD-``steps`` accuracy at eps = factor * s.eps (step eps/4) for each EPS_CURVE_FACTORS."""
+    out = []
+    for factor in EPS_CURVE_FACTORS:
+        eps = factor * s.eps
+        acc = correct_under(model, x, y, _pgd_at(eps, steps, s.seed), s.batch_size).float().mean().item()
+        out.append((eps, acc))
+    return out
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings, report: Report) -> list[Check]:
+    acc = report.accuracy
+    tol = 1.0 / max(len(y), 1) + 0.005  # one sample of slack plus half a point
+    checks = []
+    zero = correct_under(model, x, y, _pgd_at(0.0, 5, s.seed, step_size=s.step_size), s.batch_size).float().mean().item()
+    checks.append(Check("eps0_equals_natural", abs(zero - acc["natural"]) < 1e-9,
+                        f"PGD at eps=0 {100 * zero:.2f}% vs natural {100 * acc['natural']:.2f}%"))
+    curve = report.eps_curve or eps_curve(model, x, y, s)
+    rises = [(a, b) for (a, b) in zip(curve, curve[1:]) if b[1] > a[1] + tol]
+    checks.append(Check("monotone_in_eps", not rises,
+                        "PGD accuracy non-increasing in eps" if not rises else
+                        "accuracy rises with eps: " + ", ".join(f"{100 * a[1]:.1f}% at {a[0]:.4f} -> {100 * b[1]:.1f}% "
+                                                                 f"at {b[0]:.4f}" for a, b in rises)))
+    if "fgsm" in acc:
+        weaker = [n for n in ("pgd20", "bim10") if n in acc and acc[n] > acc["fgsm"] + tol]
+        checks.append(Check("iterative_beats_fgsm", not weaker,
+                             "PGD-20 and BIM-10 no weaker than FGSM" if not weaker else
+                             "weaker than FGSM: " + ", ".join(f"{n} {100 * acc[n]:.2f}% > fgsm {100 * acc['fgsm']:.2f}%"
+                                                              for n in weaker)))
+    white = {k: v for k, v in acc.items() if k not in ("natural", "autoattack")}
+    if white:
+        n_square = min(len(y), s.autoattack_limit or len(y), 500)
+        start = time.perf_counter()
+        square = _square_accuracy(model, x[:n_square], y[:n_square], s)
+        report.seconds.setdefault("square", time.perf_counter() - start)
+        best_white_on_subset = min(correct_under(model, x[:n_square], y[:n_square], _attack_fns(s, s.seed)[k],
+                                                 s.batch_size).float().mean().item() for k in white)
+        passed = square >= best_white_on_subset - (1.0 / n_square + 0.005)
+        checks.append(Check("blackbox_not_stronger", passed,
+                             f"Square ({s.square_queries} queries) {100 * square:.2f}% vs best white-box "
+                             f"{100 * best_white_on_subset:.2f}% on {n_square} samples"
+                             + ("" if passed else ": gradient masking suspected")))
+        report.accuracy.setdefault("square", square)
+        report.samples.setdefault("square", n_square)
+    big = correct_under(model, x, y, _pgd_at(LARGE_EPS, 20, s.seed), s.batch_size).float().mean().item()
+    checks.append(Check("large_eps_breaks", big <= 0.05,
+                        f"PGD-20 at eps={LARGE_EPS} leaves {100 * big:.2f}% (expected ~0)"))
+    return checks
+
+
+def _square_accuracy(model, x, y, s: EvalSettings) -> float:
+    """Square attack alone (official implementation) with ``s.square_queries`` queries."""
+    from pyautoattack.square import SquareAttack
+
+    device = next(model.parameters()).device
+    attack = SquareAttack(model, p_init=0.8, n_queries=s.square_queries, eps=s.eps, norm="Linf", n_restarts=1,
+                          seed=s.seed, verbose=False, device=device, resc_schedule=False)
+    model.eval()
+    with torch.no_grad():
+        x_adv = attack.perturb(x.to(device), y.to(device))
+        return (model(x_adv).argmax(1).cpu() == y).float().mean().item()
+
+
+def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") -> dict[str, Path]:
+    """Writes ``<stem>.json``, ``<stem>.csv`` and ``<stem>-eps.png``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["attack", "accuracy", "samples", "seconds"])
+        for name, acc in report.accuracy.items():
+            w.writerow([name, f"{acc:.6f}", report.samples[name], f"{report.seconds.get(name, 0):.2f}"])
+    if report.eps_curve:
+        paths["png"] = plot_eps_curve(report.eps_curve, out_dir / f"{stem}-eps.png",
+                                      title=report.meta.get("model", "model"))
+    return paths
+
+
+def plot_eps_curve(curve: list[tuple[float, float]], path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ax.plot([255 * e for e, _ in curve], [100 * a for _, a in curve], marker="o")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("PGD-10 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def settings_for(cfg, **overrides) -> EvalSettings:
+    """Evaluation settings from a run config: same eps/step and DPGD loss, the dataset's classes."""
+    from dard.config import NUM_CLASSES
+
+    base = dict(eps=cfg.attack.eps, step_size=cfg.attack.step_size, seed=cfg.run.seed, dpgd_loss=cfg.attack.dpgd_loss,
+                dpgd_schedule=cfg.attack.dpgd_schedule, num_classes=NUM_CLASSES[cfg.data.dataset])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return EvalSettings(**base)

@@ -1,0 +1,203 @@
+"""Training objectives: ``natural``, ``sat``, ``trades``, ``ard``, ``rslad``, ``dard``; one signature.
+
+Each is ``loss(student, batch, loss_cfg, attack_cfg) -> LossResult``. Inner maximisations run
+inside the loss (against the student, model in eval mode during the attack); everything that
+depends only on the teacher arrives precomputed in the :class:`TrainBatch` (from an online
+teacher or from the Arrow shards), so the same function serves both paths.
+
+Reductions: every divergence is a per-sample sum over classes averaged over the batch
+(``batchmean``). Peers that used ``torch.mean`` over B x K (ARD's ``nn.KLDivLoss()``, RSLAD's
+``kl``) have K times smaller divergence terms; their defaults are mapped as documented below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dard.attacks.dpgd import dice_loss, dpgd_from_config
+from dard.attacks.pgd import pgd, trades_pgd
+from dard.config import AttackConfig, LossConfig
+
+
+@dataclass
+class TrainBatch:
+    """One batch. x: (B, C, H, W) float in [0, 1]; y: (B,) int64.
+
+    Teacher fields (distillation only; logits (B, K) float):
+    teacher_logits = T(x); x_teacher_adv = x_d, a DPGD example against the teacher (same range
+    and shape as x); teacher_logits_adv = T(x_d).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    x_teacher_adv: torch.Tensor | None = None
+    teacher_logits_adv: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(move(self.x), move(self.y), move(self.teacher_logits), move(self.x_teacher_adv),
+                          move(self.teacher_logits_adv))
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the student
+    terms: dict[str, float] = field(default_factory=dict)  # each weighted term, for logging
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               kind: str = "kl") -> torch.Tensor:
+    """``tau^2 * D(softmax(teacher/tau), softmax(student/tau))``, batch mean.
+
+    kind ``kl``: KL(teacher || student) summed over classes (Hinton's tau^2 keeps gradient scale
+    independent of tau). kind ``dice``: the Dice loss of DESIGN section 3 with the teacher's
+    distribution as target. The teacher side is detached.
+    """
+    teacher_probs = F.softmax(teacher_logits.detach().float() / temperature, 1)
+    student_scaled = student_logits.float() / temperature
+    if kind == "kl":
+        d = F.kl_div(F.log_softmax(student_scaled, 1), teacher_probs, reduction="batchmean")
+    elif kind == "dice":
+        d = dice_loss(F.softmax(student_scaled, 1), teacher_probs).mean()
+    else:
+        raise ValueError(f"loss.divergence: unknown {kind!r}; choose kl or dice")
+    return temperature ** 2 * d
+
+
+def _require_teacher(batch: TrainBatch, method: str, *fields_: str) -> None:
+    missing = [f for f in fields_ if getattr(batch, f) is None]
+    if missing:
+        raise ValueError(f"loss {method!r} needs teacher outputs {missing} in the batch: pass --teacher or --shards")
+
+
+def natural(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """Standard training: ``CE(S(x), y)`` (the non-robust reference)."""
+    loss = F.cross_entropy(student(batch.x), batch.y)
+    return LossResult(loss, {"ce": loss.item()})
+
+
+def sat(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """SAT / PGD-AT (Madry et al. 2018): ``CE(S(x'), y)``, x' = PGD-CE(student), uniform start.
+
+    Defaults as in Madry's CIFAR setting: eps 8/255, step 2/255, 10 steps.
+    """
+    x_adv = pgd(student, batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    loss = F.cross_entropy(student(x_adv), batch.y)
+    return LossResult(loss, {"ce_adv": loss.item()})
+
+
+def trades(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """TRADES (Zhang et al. 2019): ``CE(S(x), y) + beta * KL(S(x) || S(x'))``, batchmean.
+
+    x' = T-PGD: ascend KL(S(x) || S(x')) from x + 0.001*N(0,1). beta = 6 (the paper's CIFAR
+    value); the official code's ``KLDivLoss(size_average=False) / batch_size`` is batchmean, so
+    no rescaling. As upstream, the natural distribution is not detached in the outer KL.
+    """
+    x_adv = trades_pgd(student, batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    logits_nat = student(batch.x)
+    ce = F.cross_entropy(logits_nat, batch.y)
+    robust = F.kl_div(F.log_softmax(student(x_adv), 1), F.softmax(logits_nat, 1), reduction="batchmean")
+    loss = ce + cfg.trades_beta * robust
+    return LossResult(loss, {"ce": ce.item(), "kl_rob": (cfg.trades_beta * robust).item()})
+
+
+def ard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """ARD (Goldblum et al. 2020): ``alpha*tau^2*KL(T(x)/tau || S(x')/tau) + (1-alpha)*CE(S(x), y)``.
+
+    x' = PGD-CE against the student (uniform start); the teacher sees the natural x. Defaults
+    tau = 30, alpha = 1 as in the official ``main.py``. Upstream ``nn.KLDivLoss()`` averages over
+    B x K, so its KL is 1/K of our batchmean; with alpha = 1 only the scale (hence the effective
+    learning rate) differs. Upstream keeps the student in train mode during the attack; here it
+    is in eval mode, as in every other method, so BN statistics are not polluted by x'.
+    """
+    _require_teacher(batch, "ard", "teacher_logits")
+    x_adv = pgd(student, batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    kd = divergence(student(x_adv), batch.teacher_logits, cfg.ard_temperature, "kl")
+    loss = cfg.ard_alpha * kd
+    terms = {"kd_adv": (cfg.ard_alpha * kd).item()}
+    if cfg.ard_alpha < 1:
+        ce = F.cross_entropy(student(batch.x), batch.y)
+        loss = loss + (1 - cfg.ard_alpha) * ce
+        terms["ce"] = ((1 - cfg.ard_alpha) * ce).item()
+    return LossResult(loss, terms)
+
+
+RSLAD_W_ROB, RSLAD_W_NAT = 5 / 6, 1 / 6
+
+
+def rslad(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """RSLAD (Zi et al. 2021): ``5/6*KL(T(x) || S(x')) + 1/6*KL(T(x) || S(x))``, tau = 1.
+
+    x' ascends KL(S(x') || T(x)) from x + 0.001*N(0,1) (``rslad_inner_loss``). Both terms use only
+    the teacher's clean soft label. Upstream averages over B x K (``torch.mean``) and multiplies by
+    10 on CIFAR-100 to undo 1/K; batchmean needs neither. Equivalent to DARD with w_adv = 0,
+    (w_rob, w_nat) = (5/6, 1/6), divergence kl, and a KL-PGD inner attack.
+    """
+    _require_teacher(batch, "rslad", "teacher_logits")
+    teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
+    x_adv = trades_pgd(student, batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                       reference_probs=teacher_probs)
+    rob = divergence(student(x_adv), batch.teacher_logits, 1.0, "kl")
+    nat = divergence(student(batch.x), batch.teacher_logits, 1.0, "kl")
+    loss = RSLAD_W_ROB * rob + RSLAD_W_NAT * nat
+    return LossResult(loss, {"kd_rob": RSLAD_W_ROB * rob.item(), "kd_nat": RSLAD_W_NAT * nat.item()})
+
+
+def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
+    """DARD (DESIGN section 3), with D_tau = tau^2 * D(softmax(./tau)) and D in {kl, dice}::
+
+        L = w_adv * D_tau(T(x_d) || S(x_d))   x_d: DPGD vs the teacher (precomputable)
+          + w_rob * D_tau(T(x)   || S(x_s))   x_s: DPGD vs the student, target softmax(T(x)), online
+          + w_nat * D_tau(T(x)   || S(x))
+          + w_ce  * CE(S(x), y)
+
+    The paper's public text fixes only "dual supervision from natural and adversarial soft
+    labels" with DPGD examples; the form and the defaults (w_adv, w_rob, w_nat) = (1/3, 1/2, 1/6),
+    tau = 1, kl are ours and are ablated in ``benchmarks/methods.py``. A zero weight skips its
+    term and, for w_rob, the online attack.
+    """
+    _require_teacher(batch, "dard", "teacher_logits")
+    tau, kind = cfg.temperature, cfg.divergence
+    loss = torch.zeros((), device=batch.x.device)
+    terms: dict[str, float] = {}
+    if cfg.w_adv > 0:
+        _require_teacher(batch, "dard", "x_teacher_adv", "teacher_logits_adv")
+        term = cfg.w_adv * divergence(student(batch.x_teacher_adv), batch.teacher_logits_adv, tau, kind)
+        loss, terms["kd_adv"] = loss + term, term.item()
+    if cfg.w_rob > 0:
+        teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
+        x_student_adv = dpgd_from_config(student, batch.x, teacher_probs, attack)
+        term = cfg.w_rob * divergence(student(x_student_adv), batch.teacher_logits, tau, kind)
+        loss, terms["kd_rob"] = loss + term, term.item()
+    if cfg.w_nat > 0 or cfg.w_ce > 0:
+        logits_nat = student(batch.x)
+        if cfg.w_nat > 0:
+            term = cfg.w_nat * divergence(logits_nat, batch.teacher_logits, tau, kind)
+            loss, terms["kd_nat"] = loss + term, term.item()
+        if cfg.w_ce > 0:
+            term = cfg.w_ce * F.cross_entropy(logits_nat, batch.y)
+            loss, terms["ce"] = loss + term, term.item()
+    return LossResult(loss, terms)
+
+
+LOSSES: dict[str, Callable[[nn.Module, TrainBatch, LossConfig, AttackConfig], LossResult]] = {
+    "natural": natural, "sat": sat, "trades": trades, "ard": ard, "rslad": rslad, "dard": dard,
+}
+
+# What each method needs from the teacher: natural soft labels, and DPGD views + their soft labels.
+NEEDS_TEACHER = {"ard", "rslad", "dard"}
+
+
+def needs_teacher_adv(cfg: LossConfig) -> bool:
+    return cfg.method == "dard" and cfg.w_adv > 0
+
+
+def get_loss(method: str):
+    if method not in LOSSES:
+        raise ValueError(f"loss.method: unknown {method!r}; choose from {', '.join(LOSSES)}")
+    return LOSSES[method]

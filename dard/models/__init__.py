@@ -1,0 +1,18 @@
+"""Model registry: small CNNs (digits), ResNet-18, MobileNetV2, WideResNet (RobustBench keys)."""
+from dard.models import mobilenetv2, resnet, small_cnn, wideresnet  # noqa: F401  (registration)
+from dard.models.io import ModelFileError, file_sha256, load_model, load_teacher, save_model
+from dard.models.registry import Normalize, available, build, count_parameters
+
+__all__ = ["ModelFileError", "Normalize", "available", "build", "build_for", "count_parameters",
+           "file_sha256", "load_model", "load_teacher", "save_model"]
+
+
+def build_for(model_cfg, dataset: str):
+    """The configured architecture sized for ``dataset`` (classes, input channels)."""
+    from dard.config import IMAGE_SHAPE, NUM_CLASSES
+
+    return build(model_cfg.arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0], **arch_kwargs(model_cfg))
+
+
+def arch_kwargs(model_cfg) -> dict:
+    return {"depth": model_cfg.depth, "widen_factor": model_cfg.widen_factor} if model_cfg.arch == "wideresnet" else {}

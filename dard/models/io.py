@@ -1,0 +1,128 @@
+"""Model files: save with metadata, load safely (``weights_only=True``), clear errors.
+
+A dard model file is a dict of plain values and tensors::
+
+    {"format": "dard-model/1", "arch": str, "num_classes": int, "in_channels": int,
+     "arch_kwargs": dict, "dataset": str, "state_dict": {...}, "meta": {...}}
+
+``load_teacher`` also accepts a bare state dict or ``{"state_dict": ...}`` as RobustBench and
+most research repos save them (a ``module.`` prefix from DataParallel is stripped).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dard.models.registry import build
+
+FORMAT = "dard-model/1"
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable, or does not fit the requested architecture."""
+
+
+def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
+               dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
+               "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written model file
+    return path
+
+
+def read_file(path: str | Path) -> Any:
+    """torch.load with weights_only=True (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt zip, pickled classes, truncated file
+        raise ModelFileError(f"{path}: cannot be read as a weights-only PyTorch file ({type(err).__name__}: {err}). "
+                             "Save models with torch.save(model.state_dict(), path) or `dard train-teacher`.") from err
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A dard model file -> (model in eval mode, its header without the state dict)."""
+    payload = read_file(path)
+    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+        raise ModelFileError(f"{path}: not a dard model file (no '{FORMAT}' header). For a bare state dict "
+                             "(e.g. a RobustBench checkpoint) use load_teacher(path, arch, num_classes) or "
+                             "`dard distill --teacher PATH --teacher-arch ARCH`.")
+    model = build(payload["arch"], payload["num_classes"], payload["in_channels"], **payload["arch_kwargs"])
+    _load_state(model, payload["state_dict"], path, payload["arch"], payload["num_classes"])
+    header = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model.to(map_location).eval(), header
+
+
+def load_teacher(path: str | Path, arch: str | None = None, num_classes: int | None = None, in_channels: int | None = None,
+                 **arch_kwargs) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a teacher and check it is what the run expects.
+
+    ``arch``/``num_classes``/``in_channels`` None means "whatever the file says" (dard files only).
+    Returns (model in eval mode, header). Raises :class:`ModelFileError` naming the mismatch.
+    """
+    payload = read_file(path)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels}
+        for key, want in expected.items():
+            if want is not None and payload[key] != want:
+                raise ModelFileError(f"{path}: holds a {payload['arch']} with {payload['num_classes']} classes and "
+                                     f"{payload['in_channels']} input channels (dataset {payload['dataset']}), but the run "
+                                     f"expects {key}={want!r}.")
+        return load_model(path)
+    if arch is None or num_classes is None:
+        raise ModelFileError(f"{path}: a bare state dict; name its architecture and class count "
+                             "(--teacher-arch, and the dataset gives the classes).")
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: expected a state dict of tensors (or {{'state_dict': ...}}).")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("sub_block1.") for k in state):
+        arch_kwargs.setdefault("sub_block1", True)
+    model = build(arch, num_classes, in_channels or 3, **arch_kwargs)
+    _load_state(model, state, path, arch, num_classes)
+    header = {"format": "state_dict", "arch": arch, "num_classes": num_classes, "in_channels": in_channels or 3,
+              "arch_kwargs": arch_kwargs, "dataset": None, "meta": {}}
+    return model.eval(), header
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Any, arch: str, num_classes: int) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})")
+        if wrong:
+            k, got, want = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (first: {k} is {got} in the file, {want} in {arch})")
+        hint = ""
+        fc = [w for w in wrong if w[0].endswith(("fc.weight", "linear.weight"))]
+        if fc:
+            hint = f" The classifier has {fc[0][1][0]} outputs in the file but the run expects {num_classes} classes."
+        raise ModelFileError(f"{path}: weights do not fit architecture {arch!r} with {num_classes} classes: "
+                             + "; ".join(parts) + "." + hint)
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,60 @@
+"""Models found by name (timm-style): ``build("resnet18", num_classes=10, in_channels=3)``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """A fresh model. Input: (B, in_channels, H, W) float in [0, 1]; output: logits (B, num_classes)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model.arch: unknown architecture {name!r}; choose from {', '.join(available())}")
+    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, inside the model so attacks work on [0, 1] pixels.
+
+    Buffers are non-persistent: state-dict keys stay those of the bare architecture, so
+    checkpoints from other codebases (RobustBench) load unchanged.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+# Per-dataset statistics, [0, 1] scale. Identity for unknown channel counts.
+DATASET_STATS = {
+    1: ((0.30,), (0.40,)),  # digits, measured on the train split (rounded)
+    3: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),  # CIFAR-10 train
+}
+
+
+def default_normalize(in_channels: int) -> Normalize:
+    mean, std = DATASET_STATS.get(in_channels, ((0.0,) * in_channels, (1.0,) * in_channels))
+    return Normalize(mean, std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

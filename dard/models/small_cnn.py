@@ -1,0 +1,40 @@
+"""Small CNNs for the embedded digits (8x8 grey), also valid on 32x32 RGB.
+
+``cnn_small`` (~14k parameters) is the digits student; ``cnn_large`` (~0.5M parameters,
+~25x the student's FLOPs on 8x8) the digits teacher.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from dard.models.registry import default_normalize, register
+
+
+def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, widths: tuple[int, ...], strides: tuple[int, ...], num_classes: int, in_channels: int):
+        super().__init__()
+        self.normalize = default_normalize(in_channels)
+        layers, c = [], in_channels
+        for w, s in zip(widths, strides):
+            layers.append(_block(c, w, s))
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(self.normalize(x))).flatten(1))
+
+
+@register("cnn_small")
+def cnn_small(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
+    return SmallCNN((16, 32, 32), (1, 2, 1), num_classes, in_channels)
+
+
+@register("cnn_large")
+def cnn_large(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
+    return SmallCNN((64, 128, 128, 256), (1, 2, 1, 2), num_classes, in_channels)

@@ -1,0 +1,36 @@
+import json
+
+from dard.cli import main, pixel_value
+
+
+def test_pixel_value():
+    assert pixel_value("8/255") == 8 / 255 and pixel_value("0.1") == 0.1
+
+
+def test_train_teacher_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "teacher.pt"
+    assert main(["train-teacher", "--epochs", "3", "--limit-train", "300", "--steps", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert out.exists() and (tmp_path / "teacher-run" / "checkpoint.pt").exists()
+    # resuming a finished run trains nothing more and keeps its history
+    assert main(["train-teacher", "--epochs", "3", "--limit-train", "300", "--steps", "2", "--out", str(out),
+                 "--no-progress", "--resume"]) == 0
+    history = (tmp_path / "teacher-run" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in history] == [0, 1, 2]
+    assert main(["evaluate", "--model", str(out), "--attacks", "natural,fgsm,pgd20", "--limit", "60",
+                 "--no-progress", "--no-checks"]) == 0
+    printed = capsys.readouterr().out
+    assert "pgd20" in printed and "natural" in printed
+    report = json.loads((tmp_path / "teacher-eval" / "robustness.json").read_text())
+    assert 0 <= report["accuracy"]["pgd20"] <= report["accuracy"]["natural"] <= 1
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["train-teacher", "--eps", "-1", "--out", str(tmp_path / "t.pt")]) == 2
+    assert "attack.eps" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["distill", "--dataset", "cifar10", "--out", str(tmp_path / "s.pt"), "--teacher", "x.pt"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert main(["train-teacher", "--set", "loss.nonsense=1", "--out", str(tmp_path / "t.pt")]) == 2
+    assert "loss.nonsense" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""Each loss against a hand computation on a 2x3 logits example."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dard.config import AttackConfig, LossConfig
+from dard.losses import TrainBatch, ard, dard, divergence, natural, rslad, sat, trades
+
+S = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 1.5]])  # student logits
+T = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # teacher logits
+Y = torch.tensor([0, 2])
+
+
+def softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl_hand(t_logits, s_logits, tau=1.0):
+    """mean over rows of sum_c p_t log(p_t / p_s), p = softmax(logits / tau)."""
+    total = 0.0
+    for t_row, s_row in zip(t_logits.tolist(), s_logits.tolist()):
+        pt, ps = softmax([v / tau for v in t_row]), softmax([v / tau for v in s_row])
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    return total / len(t_logits)
+
+
+def dice_hand(t_logits, s_logits, tau=1.0):
+    total = 0.0
+    for t_row, s_row in zip(t_logits.tolist(), s_logits.tolist()):
+        q, p = softmax([v / tau for v in t_row]), softmax([v / tau for v in s_row])
+        total += 1 - 2 * sum(a * b for a, b in zip(p, q)) / (sum(a * a for a in p) + sum(b * b for b in q))
+    return total / len(t_logits)
+
+
+def ce_hand(s_logits, labels):
+    return sum(-math.log(softmax(r)[c]) for r, c in zip(s_logits.tolist(), labels.tolist())) / len(labels)
+
+
+class Fixed(nn.Module):
+    """Returns stored logits for any input: the adversarial and natural forwards give the same S."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def forward(self, x):
+        return self.logits * torch.ones(x.shape[0], 1)
+
+
+X = torch.rand(2, 1, 4, 4)
+ATT = AttackConfig(eps=0.1, step_size=0.05, steps=1)
+
+
+def test_divergence_kl_dice_and_temperature_scaling():
+    assert divergence(S, T, 1.0, "kl").item() == pytest.approx(kl_hand(T, S), rel=1e-5)
+    assert divergence(S, T, 1.0, "dice").item() == pytest.approx(dice_hand(T, S), rel=1e-5)
+    tau = 4.0
+    assert divergence(S, T, tau, "kl").item() == pytest.approx(tau ** 2 * kl_hand(T, S, tau), rel=1e-5)
+    assert divergence(S, T, tau, "dice").item() == pytest.approx(tau ** 2 * dice_hand(T, S, tau), rel=1e-5)
+
+
+def test_natural_and_sat_are_cross_entropy():
+    batch = TrainBatch(X, Y)
+    assert natural(Fixed(S), batch, LossConfig(), ATT).loss.item() == pytest.approx(ce_hand(S, Y), rel=1e-5)
+    assert sat(Fixed(S), batch, LossConfig(), ATT).loss.item() == pytest.approx(ce_hand(S, Y), rel=1e-5)
+
+
+def test_trades_with_identical_adversarial_logits_is_ce():
+    # S(x') = S(x): the KL term vanishes, leaving CE.
+    assert trades(Fixed(S), TrainBatch(X, Y), LossConfig(trades_beta=6.0), ATT).loss.item() == pytest.approx(
+        ce_hand(S, Y), rel=1e-5)
+
+
+def test_trades_kl_term_by_hand():
+    class TwoFaced(nn.Module):  # natural input -> S, anything else -> T
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            is_nat = torch.isclose(x, X).flatten(1).all(1, keepdim=True)
+            return torch.where(is_nat, S, T) + self.w
+
+    result = trades(TwoFaced(), TrainBatch(X, Y), LossConfig(trades_beta=6.0), ATT)
+    assert result.loss.item() == pytest.approx(ce_hand(S, Y) + 6.0 * kl_hand(S, T), rel=1e-4)
+
+
+def test_ard_and_rslad_by_hand():
+    batch = TrainBatch(X, Y, teacher_logits=T)
+    tau = 30.0
+    got = ard(Fixed(S), batch, LossConfig(ard_alpha=1.0, ard_temperature=tau), ATT).loss.item()
+    assert got == pytest.approx(tau ** 2 * kl_hand(T, S, tau), rel=1e-3)  # float32: tiny KL x 900
+    got = ard(Fixed(S), batch, LossConfig(ard_alpha=0.5, ard_temperature=1.0), ATT).loss.item()
+    assert got == pytest.approx(0.5 * kl_hand(T, S) + 0.5 * ce_hand(S, Y), rel=1e-5)
+    got = rslad(Fixed(S), batch, LossConfig(), ATT).loss.item()
+    assert got == pytest.approx(5 / 6 * kl_hand(T, S) + 1 / 6 * kl_hand(T, S), rel=1e-5)
+
+
+def test_dard_terms_by_hand():
+    T_adv = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]])
+    batch = TrainBatch(X, Y, teacher_logits=T, x_teacher_adv=X.clone(), teacher_logits_adv=T_adv)
+    cfg = LossConfig(w_adv=0.3, w_rob=0.5, w_nat=0.2, w_ce=0.1, temperature=2.0, divergence="kl")
+    result = dard(Fixed(S), batch, cfg, ATT)
+    tau2 = 4.0
+    expected = (0.3 * tau2 * kl_hand(T_adv, S, 2.0) + 0.5 * tau2 * kl_hand(T, S, 2.0) + 0.2 * tau2 * kl_hand(T, S, 2.0)
+                + 0.1 * ce_hand(S, Y))
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert set(result.terms) == {"kd_adv", "kd_rob", "kd_nat", "ce"}
+    dice_cfg = LossConfig(w_adv=1.0, w_rob=0.0, w_nat=0.0, temperature=1.0, divergence="dice")
+    assert dard(Fixed(S), batch, dice_cfg, ATT).loss.item() == pytest.approx(dice_hand(T_adv, S), rel=1e-5)
+
+
+def test_temperature_one_vs_tau_differ_by_tau_squared_scaling():
+    batch = TrainBatch(X, Y, teacher_logits=T)
+    one = dard(Fixed(S), batch, LossConfig(w_adv=0, w_rob=0, w_nat=1.0, temperature=1.0), ATT).loss.item()
+    four = dard(Fixed(S), batch, LossConfig(w_adv=0, w_rob=0, w_nat=1.0, temperature=4.0), ATT).loss.item()
+    assert one == pytest.approx(kl_hand(T, S, 1.0), rel=1e-5)
+    assert four == pytest.approx(16 * kl_hand(T, S, 4.0), rel=1e-5)
+
+
+def test_distillation_without_teacher_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs teacher outputs"):
+        dard(Fixed(S), TrainBatch(X, Y), LossConfig(), ATT)
