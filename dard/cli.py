@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 from fractions import Fraction
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -23,7 +25,7 @@ def pixel_value(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number like 8/255 or 0.03, got {text!r}") from err
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods: tuple[str, ...]) -> None:
+def add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods: tuple[str, ...]) -> None:
     g = p.add_argument_group("run configuration (flags override --config)")
     g.add_argument("--config", help="YAML run config (see `dard config --dataset digits`)")
     g.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, nothing downloaded)")
@@ -100,8 +102,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out = Path(args.out)
     cfg.run.out_dir = str(_run_dir(out, args.run_dir))
-    result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
-                 resume=args.resume)
+    teacher = getattr(args, "teacher", None)
+    source, steps, meta = None, None, None
+    if getattr(args, "shards", None):
+        from dard.training import open_shards, shard_batches
+
+        reader = open_shards(args.shards, cfg, teacher)
+        source, steps = shard_batches(reader, cfg)
+        meta = {"shards": {"directory": args.shards, "fingerprint": reader.manifest.get("fingerprint"),
+                           "teacher": reader.manifest["teacher"]}}
+        teacher = None  # everything the teacher contributes comes from the shards
+    result = fit(cfg, teacher_path=teacher, teacher_arch=getattr(args, "teacher_arch", None), resume=args.resume,
+                 batch_source=source, batches_per_epoch=steps, extra_meta=meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["model_path"], out)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: validation natural "
@@ -152,6 +164,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_inspect(args: argparse.Namespace) -> int:
+    from dard.shards import ShardReader
+
+    reader = ShardReader(args.directory, check="none" if args.no_verify else "full")
+    s = reader.summary()
+    print(f"{s['directory']}: {s['dataset']}/{s['split']}, {s['samples']} samples x {s['views']} views = {s['rows']} rows "
+          f"in {s['parts']} parts, {s['bytes'] / 1e6:.2f} MB ({s['bytes_per_row']:.0f} B/row)")
+    t = s["teacher"]
+    print(f"teacher: {t.get('arch')} sha256 {t.get('sha256')} ({t.get('path')})")
+    a = s["attack"] or {}
+    print(f"DPGD: eps {a.get('eps'):.5g}, step {a.get('step_size'):.5g}, {a.get('steps')} steps, loss {a.get('dpgd_loss')}, "
+          f"schedule {a.get('dpgd_schedule')}")
+    print(f"created {s['created']} by dard {s['package_version']}; checks: "
+          + ("skipped" if args.no_verify else "manifest, sizes, sha256, schema, rows all ok"))
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from dard.models import available, build, count_parameters
 
@@ -171,16 +202,18 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-teacher", help="adversarially train a teacher (TRADES, SAT) in one process")
-    _add_config_args(p, method_default="trades", methods=("natural", "sat", "trades"))
+    add_config_args(p, method_default="trades", methods=("natural", "sat", "trades"))
     p.add_argument("--out", default="teacher.pt", help="model file to write")
     p.add_argument("--run-dir", help="checkpoints + history (default: <out stem>-run/ beside --out)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train a student from a teacher (DARD, RSLAD, ARD) or a baseline")
-    _add_config_args(p, method_default="dard", methods=METHODS)
+    add_config_args(p, method_default="dard", methods=METHODS)
     p.add_argument("--teacher", help="teacher model file (dard file, or a bare state dict with --teacher-arch)")
     p.add_argument("--teacher-arch", help="architecture of a bare-state-dict teacher, e.g. wrn34_10")
+    p.add_argument("--shards", help="train from precomputed soft-label shards (`dard precompute`) instead of "
+                                    "running the teacher; with --teacher too, the shards must come from it")
     p.add_argument("--out", default="student.pt")
     p.add_argument("--run-dir")
     p.add_argument("--resume", action="store_true")
@@ -201,6 +234,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="report folder (default: <model stem>-eval/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("shards", help="soft-label shards: `dard shards inspect DIR`")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True)
+    q = shards_sub.add_parser("inspect", help="manifest summary, rows, bytes, teacher, checks")
+    q.add_argument("directory")
+    q.add_argument("--no-verify", action="store_true", help="skip checksums")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_shards_inspect)
+
+    for ep in entry_points(group="dard.commands"):
+        ep.load()(sub)  # cluster/ and tuning/ add their subcommands; dard/ never imports them
 
     p = sub.add_parser("models", help="list architectures")
     p.set_defaults(func=cmd_models)

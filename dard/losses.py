@@ -69,6 +69,12 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return temperature ** 2 * d
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """Attacks run on the unwrapped module: through DDP, their input-only backward passes would arm
+    the gradient reducer without ever firing it."""
+    return getattr(model, "module", model)
+
+
 def _require_teacher(batch: TrainBatch, method: str, *fields_: str) -> None:
     missing = [f for f in fields_ if getattr(batch, f) is None]
     if missing:
@@ -86,7 +92,7 @@ def sat(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
 
     Defaults as in Madry's CIFAR setting: eps 8/255, step 2/255, 10 steps.
     """
-    x_adv = pgd(student, batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = pgd(_bare(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     loss = F.cross_entropy(student(x_adv), batch.y)
     return LossResult(loss, {"ce_adv": loss.item()})
 
@@ -98,7 +104,7 @@ def trades(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attac
     value); the official code's ``KLDivLoss(size_average=False) / batch_size`` is batchmean, so
     no rescaling. As upstream, the natural distribution is not detached in the outer KL.
     """
-    x_adv = trades_pgd(student, batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     logits_nat = student(batch.x)
     ce = F.cross_entropy(logits_nat, batch.y)
     robust = F.kl_div(F.log_softmax(student(x_adv), 1), F.softmax(logits_nat, 1), reduction="batchmean")
@@ -116,7 +122,7 @@ def ard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
     is in eval mode, as in every other method, so BN statistics are not polluted by x'.
     """
     _require_teacher(batch, "ard", "teacher_logits")
-    x_adv = pgd(student, batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = pgd(_bare(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     kd = divergence(student(x_adv), batch.teacher_logits, cfg.ard_temperature, "kl")
     loss = cfg.ard_alpha * kd
     terms = {"kd_adv": (cfg.ard_alpha * kd).item()}
@@ -140,7 +146,7 @@ def rslad(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attack
     """
     _require_teacher(batch, "rslad", "teacher_logits")
     teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-    x_adv = trades_pgd(student, batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+    x_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
                        reference_probs=teacher_probs)
     rob = divergence(student(x_adv), batch.teacher_logits, 1.0, "kl")
     nat = divergence(student(batch.x), batch.teacher_logits, 1.0, "kl")
@@ -171,7 +177,7 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
         loss, terms["kd_adv"] = loss + term, term.item()
     if cfg.w_rob > 0:
         teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-        x_student_adv = dpgd_from_config(student, batch.x, teacher_probs, attack)
+        x_student_adv = dpgd_from_config(_bare(student), batch.x, teacher_probs, attack)
         term = cfg.w_rob * divergence(student(x_student_adv), batch.teacher_logits, tau, kind)
         loss, terms["kd_rob"] = loss + term, term.item()
     if cfg.w_nat > 0 or cfg.w_ce > 0:

@@ -30,3 +30,11 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, attack
         out["x_teacher_adv"] = x_adv
         out["teacher_logits_adv"] = _forward(teacher, x_adv)
     return out
+
+
+def quantize_delta(x_uint8: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """The perturbation x_adv - x on the 8-bit grid: int8 with |delta| <= floor(eps*255) and
+    x + delta in [0, 255]. x_uint8: (B, C, H, W) uint8; x_adv: same shape, float in [0, 1]."""
+    bound = int(eps * 255 + 1e-6)
+    target = torch.round(x_adv.float().cpu() * 255).clamp(0, 255).to(torch.int16)
+    return (target - x_uint8.to(torch.int16)).clamp(-bound, bound).to(torch.int8)

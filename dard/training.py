@@ -75,6 +75,28 @@ def online_batches(ds: ArrayDataset, cfg: Config, epoch: int, teacher: nn.Module
         yield batch
 
 
+def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full"):
+    """A :class:`ShardReader` checked against the run (dataset, classes, eps, teacher if given)."""
+    from dard.shards import ShardReader
+
+    reader = ShardReader(directory, check=check)
+    reader.check_compatible(dataset=cfg.data.dataset, num_classes=NUM_CLASSES[cfg.data.dataset], eps=cfg.attack.eps,
+                            teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
+    if reader.manifest["split"] != "train":
+        raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
+    return reader
+
+
+def shard_batches(reader, cfg: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+    """``(epoch -> iterator of TrainBatch, steps per epoch)`` for this rank, from the shards."""
+    local = batch_size or cfg.optim.batch_size
+
+    def source(epoch: int) -> Iterator[TrainBatch]:
+        return (b.to_train_batch() for b in reader.batches(epoch, local, rank, world_size, seed=cfg.run.seed))
+
+    return source, reader.steps_per_epoch(local, world_size)
+
+
 def validate(model: nn.Module, ds: ArrayDataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
     """Natural and PGD-k accuracy (k = run.eval_pgd_steps, attack eps/step) on ``ds[:limit]``."""
     ds = ds.head(limit)

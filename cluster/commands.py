@@ -1,0 +1,89 @@
+"""`dard precompute` and `dard train`: subcommands over the Ray code, registered through the
+``dard.commands`` entry point so the core package never imports Ray."""
+from __future__ import annotations
+
+import argparse
+
+from dard.cli import add_config_args, build_config
+from dard.config import METHODS
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from cluster.precompute import precompute
+
+    cfg = build_config(args)
+    result = precompute(cfg, args.teacher, args.out, views=args.views, split=args.split,
+                        rows_per_part=args.rows_per_part, teacher_arch=args.teacher_arch, batch_size=args.batch,
+                        address=args.address, use_ray=not args.local)
+    m = result.manifest
+    print(f"{args.out}: computed {len(result.computed_parts)} parts, kept {len(result.skipped_parts)} finished ones; "
+          f"{m['rows']} rows, {sum(p['bytes'] for p in m['parts']) / 1e6:.2f} MB, teacher {m['teacher']['id']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.train import train_distributed
+
+    cfg = build_config(args)
+    if args.run_dir:
+        cfg.run.out_dir = args.run_dir
+    tracking = None
+    logger = None
+    if not args.no_tracking:
+        from dard.tracking import EpochLogger, check_tracking_uri, default_tracking_uri
+
+        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+        logger = EpochLogger({"uri": uri, "experiment": args.experiment, "run_name": args.name}, cfg)
+        tracking = {"uri": uri, "run_id": logger.run_id}
+    try:
+        result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
+                                   storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
+                                   out=args.out, teacher_path=args.teacher, tracking=tracking)
+    except BaseException:
+        if logger is not None:
+            logger.close("FAILED")
+        raise
+    if logger is not None:
+        logger.client.log_artifact(logger.run_id, result.model_path, artifact_path="model_file")
+        logger.close()
+    m = result.metrics
+    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers: validation natural "
+          f"{100 * m.get('val_natural_acc', float('nan')):.2f}%, PGD-{cfg.run.eval_pgd_steps} "
+          f"{100 * m.get('val_pgd_acc', float('nan')):.2f}%")
+    print(f"model: {result.model_path}\ncheckpoint: {result.checkpoint_dir}\nRay run: {result.run_path}")
+    if logger is not None:
+        print(f"MLflow run {logger.run_id} in {tracking['uri']} (`mlflow ui --backend-store-uri {tracking['uri']}`)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="DDP student training from shards on Ray Train (laptop or cluster)")
+    add_config_args(p, method_default="dard", methods=METHODS)
+    p.add_argument("--shards", required=True, help="shard directory from `dard precompute` (path or URI)")
+    p.add_argument("--teacher", help="optional: check that the shards were made by this teacher file")
+    p.add_argument("--workers", type=int, default=2, help="DDP workers (one GPU each on a GPU cluster)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="use GPUs (default: when the cluster has any)")
+    p.add_argument("--address", help="Ray cluster (auto, ray://host:10001); default: RAY_ADDRESS or a local Ray")
+    p.add_argument("--storage-path", help="checkpoints (local dir or s3://...); default <run dir>/ray")
+    p.add_argument("--name", default="dard-train", help="run name; the same name + storage path resumes")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--out", default="student.pt", help="final model file")
+    p.add_argument("--run-dir", help="run folder (default runs/default)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--experiment", default="dard")
+    p.add_argument("--no-tracking", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("precompute", help="teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)")
+    add_config_args(p, method_default="dard", methods=METHODS)
+    p.add_argument("--teacher", required=True, help="teacher model file")
+    p.add_argument("--teacher-arch", help="architecture of a bare-state-dict teacher")
+    p.add_argument("--out", required=True, help="shard directory (local path or pyarrow URI, e.g. s3://bucket/shards)")
+    p.add_argument("--views", type=int, default=1, help="augmented views per sample (epoch e uses view e mod V)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train")
+    p.add_argument("--rows-per-part", type=int, default=4096, help="samples per part (one Ray task each)")
+    p.add_argument("--batch", type=int, default=256, help="teacher batch size inside a task")
+    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); default: start a local one")
+    p.add_argument("--local", action="store_true", help="compute in this process, without Ray")
+    p.set_defaults(func=cmd_precompute)

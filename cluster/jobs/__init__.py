@@ -1,0 +1,13 @@
+"""Entrypoints for `ray job submit --working-dir . -- python -m cluster.jobs.<name> [dard flags]`.
+
+Each is the matching `dard` subcommand, so a job and the CLI run the same code: e.g.
+`python -m cluster.jobs.train --config run.yaml --shards s3://bucket/shards --workers 8`.
+Inside a job Ray is joined through RAY_ADDRESS, which the job supervisor sets.
+"""
+import sys
+
+
+def run(command: str) -> None:
+    from dard.cli import main
+
+    sys.exit(main([command, *sys.argv[1:]]))

@@ -1,0 +1,34 @@
+"""Starting or joining Ray: loopback-only when we start it ourselves (DESIGN section 5, security)."""
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False):
+    """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local Ray bound to 127.0.0.1.
+
+    Returns the ``ray`` module. An already-initialised session is reused.
+    """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # inside `ray job submit`: join the job's cluster
+    if address is None:
+        # Without this Ray binds the machine's network address (dashboard included).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "warning"}
+    if address is not None:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=1_000_000_000, **kwargs)
+    return ray
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,173 @@
+"""MLflow tracking: runs, params, per-epoch metrics, reports, models, registry (DESIGN section 6).
+
+Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<absolute cwd>/mlflow.db`` -- always
+absolute, because Ray workers run in another directory. Models are logged with
+``serialization_format="pickle"`` so ``mlflow.pytorch.load_model`` returns our ``nn.Module``
+class (MLflow 3's default pt2 format returns a GraphModule).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "dard"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message names the URI."""
+
+
+def default_tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return absolute_uri(uri) if uri else f"sqlite:///{Path.cwd().absolute() / 'mlflow.db'}"
+
+
+def absolute_uri(uri: str) -> str:
+    """Relative sqlite paths and bare paths become absolute (workers have another cwd)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).absolute())
+    if "://" not in uri and ":" not in uri[:3]:
+        return "sqlite:///" + str(Path(uri).absolute())
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
+    """Fail fast with a clear error if the store cannot be reached; returns the absolute URI."""
+    uri = absolute_uri(uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking URI {uri}: folder {folder} is not writable")
+        return uri
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise TrackingError(f"tracking URI {uri} is unreachable ({err}); start the server "
+                                "(`mlflow server --backend-store-uri sqlite:///mlflow.db`) or fix --tracking-uri") from err
+        return uri
+    if uri.startswith(("databricks", "file:")):
+        return uri
+    raise TrackingError(f"tracking URI {uri!r}: unsupported scheme; use sqlite:///PATH, http(s)://HOST:PORT")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else ",".join(map(str, v))
+    return out
+
+
+def system_tags(cfg, teacher_sha256: str | None = None, shards_fingerprint: str | None = None) -> dict[str, str]:
+    from dard import __version__
+
+    tags = {"dard.version": __version__, "dard.dataset": cfg.data.dataset, "dard.method": cfg.loss.method,
+            "dard.arch": cfg.model.arch}
+    commit = git_commit()
+    if commit:
+        tags["dard.git_commit"] = commit
+    if teacher_sha256:
+        tags["dard.teacher_sha256"] = teacher_sha256
+    if shards_fingerprint:
+        tags["dard.shards"] = shards_fingerprint
+    return tags
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class EpochLogger:
+    """One MLflow run (optionally nested under ``parent_run_id``): params at start, metrics each epoch.
+
+    ``tracking``: ``{"uri", "experiment", "run_name", "parent_run_id", "tags"}`` (all but uri optional).
+    """
+
+    def __init__(self, tracking: dict[str, Any], cfg):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(absolute_uri(tracking["uri"]))
+        experiment = mlflow.set_experiment(tracking.get("experiment") or DEFAULT_EXPERIMENT)
+        tags = {**system_tags(cfg), **(tracking.get("tags") or {})}
+        if tracking.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = tracking["parent_run_id"]
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        if tracking.get("run_id"):
+            self.run_id = tracking["run_id"]  # resume logging into an existing run
+        else:
+            run = self.client.create_run(experiment.experiment_id, run_name=tracking.get("run_name"), tags=tags)
+            self.run_id = run.info.run_id
+            from dard.config import to_dict
+
+            params = flatten(to_dict(cfg))
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        values = [self.mlflow.entities.Metric(k, v, now, step) for k, v in numeric(metrics).items()]
+        if values:
+            self.client.log_batch(self.run_id, metrics=values)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def log_model(run_id: str, model, example_input, registered_name: str | None = None, tracking_uri: str | None = None):
+    """Log ``model`` (our class, pickled by MLflow) with a signature into ``run_id``; returns the ModelInfo."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(absolute_uri(tracking_uri))
+    model = getattr(model, "module", model).cpu().eval()
+    x = example_input[:2].cpu()
+    with torch.no_grad():
+        y = model(x).numpy()
+    signature = infer_signature(x.numpy().astype(np.float32), y)
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
+                                        serialization_format="pickle", registered_model_name=registered_name)
+
+
+def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,
+                         metrics: dict[str, float] | None = None, prefix: str = "test_") -> None:
+    """Robustness report files as artifacts, its accuracies as ``<prefix><attack>_acc`` metrics."""
+    from mlflow.tracking import MlflowClient
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(absolute_uri(tracking_uri))
+    client = MlflowClient()
+    for p in paths.values():
+        client.log_artifact(run_id, str(p), artifact_path="robustness")
+    for k, v in (metrics or {}).items():
+        client.log_metric(run_id, f"{prefix}{k}_acc", float(v))
