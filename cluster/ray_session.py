@@ -23,7 +23,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     if address is not None:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": always a fresh local Ray, never one that a `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  object_store_memory=1_000_000_000, **kwargs)
     return ray
 

@@ -82,6 +82,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(cfg.run.seed + rank + 7919 * start_epoch)
     tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
     weights_log = Path(config["weights_log_dir"]) / f"rank{rank}.jsonl" if config.get("weights_log_dir") else None
+    if weights_log is not None:
+        import ray
+
+        weights_log.with_suffix(".node").write_text(ray.get_runtime_context().get_node_id())
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -160,10 +164,11 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                       address: str | None = None, storage_path: str | None = None, name: str = "dard-train",
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
-                      test_hooks: dict | None = None) -> DistributedResult:
+                      placement_strategy: str = "PACK", test_hooks: dict | None = None) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
-    ``use_gpu`` None: GPUs when the cluster has any. ``storage_path`` (local dir or ``s3://``)
+    ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
+    fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file.
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
@@ -188,7 +193,8 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking, **(test_hooks or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.

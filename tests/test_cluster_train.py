@@ -1,0 +1,169 @@
+"""Ray: precompute tasks, 2-worker DDP with a killed worker, a real `ray job submit`, two nodes."""
+import json
+import os
+import signal
+import socket
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import digits_config
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from cluster.ray_session import ensure_ray
+
+    ray = ensure_ray(num_cpus=2, quiet=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_shards(ray_session, trained_models, tmp_path_factory):
+    """Shards built by Ray tasks (2 parts)."""
+    from cluster.precompute import precompute
+
+    tmp = tmp_path_factory.mktemp("ray-shards")
+    cfg = digits_config(tmp, data={"limit_train": 256}, attack={"steps": 2})
+    result = precompute(cfg, trained_models["teacher"]["model_path"], str(tmp / "s"), views=2, rows_per_part=128)
+    assert result.computed_parts == [0, 1] and result.manifest["rows"] == 512
+    return str(tmp / "s")
+
+
+def small_train_cfg(tmp_path, epochs=3):
+    return digits_config(tmp_path, data={"limit_train": 256}, attack={"steps": 2}, optim={"epochs": epochs},
+                         run={"eval_limit": 60})
+
+
+def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, tmp_path):
+    from cluster.train import train_distributed
+
+    cfg = small_train_cfg(tmp_path)
+    logs = tmp_path / "weights"
+    logs.mkdir()
+    result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1, out=str(tmp_path / "s.pt"),
+                               test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(tmp_path / "killed"),
+                                           "weights_log_dir": str(logs)})
+    assert (tmp_path / "killed").exists()  # the worker really died
+    # resumed from the last checkpoint: every planned epoch once, none repeated or lost
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.metrics["world_size"] == 2 and 0 <= result.metrics["val_pgd_acc"] <= 1
+    assert result.metrics["train_steps"] == 4  # 256 samples / 2 ranks / 32 per rank
+    assert Path(result.checkpoint_dir, "checkpoint.pt").exists() and Path(result.model_path).exists()
+    rank0 = [json.loads(l) for l in (logs / "rank0.jsonl").read_text().splitlines()]
+    rank1 = [json.loads(l) for l in (logs / "rank1.jsonl").read_text().splitlines()]
+    assert len(rank0) == len(rank1) > 12
+    assert all(a["digest"] == b["digest"] for a, b in zip(rank0, rank1))  # DDP keeps the weights identical
+    epochs = [r["epoch"] for r in rank0]
+    assert epochs.count(0) == 4 and epochs.count(2) == 4  # epoch 0 not redone after the restart
+    assert epochs.count(1) == 2 + 4  # killed halfway through epoch 1 (step 2 of 4), then redone whole
+
+
+def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
+    from cluster.train import train_distributed
+    from dard.shards import ShardError
+
+    cfg = small_train_cfg(tmp_path)
+    cfg.attack.eps = 0.1
+    cfg.attack.step_size = 0.05
+    with pytest.raises(ShardError, match="attack eps"):
+        train_distributed(cfg, ray_shards, workers=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submission_to_a_started_cluster(ray_shards, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m cluster.jobs.train ...`."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    # Every agent port explicit: the defaults (52365, ...) are held by this session's own Ray.
+    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "metrics-export-port", "runtime-env-agent-port",
+                                                           "ray-client-server-port")]
+    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", *agent_ports,
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             "--object-store-memory=300000000", f"--temp-dir={temp_dir}"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while True:  # wait for the dashboard's job API
+            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=env, capture_output=True, text=True)
+            if probe.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        out = tmp_path / "job-student.pt"
+        excludes = json.dumps({"excludes": [".venv", ".git", "runs", "*.db", "mlruns"]})
+        command = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json", excludes,
+                   "--", sys.executable, "-m", "cluster.jobs.train", "--shards", ray_shards, "--epochs", "1",
+                   "--workers", "1", "--limit-train", "256", "--steps", "2", "--no-tracking", "--no-progress",
+                   "--out", str(out), "--run-dir", str(tmp_path / "job-run"), "--name", "job-test"]
+        for _ in range(20):  # the head's job agent comes up a few seconds after its API
+            job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        assert out.exists()
+        assert list((tmp_path / "job-run" / "ray" / "job-test").glob("checkpoint_*/checkpoint.pt"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+MULTI_NODE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+    from dard.config import Config
+    from cluster.train import train_distributed
+
+    shards, out = sys.argv[1], sys.argv[2]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, log_to_driver=False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    cfg = Config.for_dataset("digits", data={"limit_train": 256}, attack={"steps": 2}, optim={"epochs": 1},
+                             run={"out_dir": out, "progress": False, "eval_limit": 60})
+    r = train_distributed(cfg, shards, workers=2, name="two-nodes", placement_strategy="SPREAD",
+                          test_hooks={"weights_log_dir": out})
+    print("RESULT", json.dumps({"checkpoint": r.checkpoint_dir, "epochs": [h["epoch"] for h in r.history]}))
+    ray.shutdown()
+    c.shutdown()
+""")
+
+
+def test_multi_node_workers_on_different_nodes(ray_shards, tmp_path):
+    script = tmp_path / "multi.py"
+    script.write_text(MULTI_NODE_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), ray_shards, str(tmp_path)], capture_output=True, text=True,
+                         timeout=400, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
+    assert result["epochs"] == [0] and Path(result["checkpoint"], "checkpoint.pt").exists()
+    nodes = {(tmp_path / f"rank{r}.node").read_text() for r in (0, 1)}
+    assert len(nodes) == 2  # the two DDP workers ran on different nodes
