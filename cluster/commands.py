@@ -56,7 +56,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import DemoSettings, run_demo
+
+    kw = {"out": args.out, "fresh": args.fresh, "tracking_uri": args.tracking_uri, "address": args.address}
+    settings = DemoSettings.quick(**kw) if args.quick else DemoSettings(**kw)
+    for name in ("teacher_epochs", "student_epochs", "workers", "aa_limit"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    run_demo(settings)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded digits: teacher, shards, DARD on Ray Train, "
+                                    "SAT baseline, attack suite, MLflow, registry")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by the tests)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--student-epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--aa-limit", type=int, help="AutoAttack on the first N test samples")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("train", help="DDP student training from shards on Ray Train (laptop or cluster)")
     add_config_args(p, method_default="dard", methods=METHODS)
     p.add_argument("--shards", required=True, help="shard directory from `dard precompute` (path or URI)")

@@ -59,7 +59,8 @@ def _compute_and_write(teacher_bytes: bytes, teacher_arch: str | None, cfg_dict:
         f.flush()
         teacher, _ = load_teacher(f.name, teacher_arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0])
     device = resolve_device("auto")
-    ds = ArrayDataset(torch.as_tensor(images), torch.as_tensor(labels), NUM_CLASSES[dataset], dataset)
+    # arrays from the object store are read-only: copy before handing them to torch
+    ds = ArrayDataset(torch.tensor(images), torch.tensor(labels), NUM_CLASSES[dataset], dataset)
     table = compute_part(teacher, ds, indices, views=views, data=cfg.data, attack=cfg.attack, seed=cfg.run.seed,
                          part_id=part_id, device=device, batch_size=batch_size)
     entry = write_part(out, part_id, table)

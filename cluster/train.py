@@ -164,11 +164,13 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                       address: str | None = None, storage_path: str | None = None, name: str = "dard-train",
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
-                      placement_strategy: str = "PACK", test_hooks: dict | None = None) -> DistributedResult:
+                      placement_strategy: str = "PACK", callbacks: list | None = None,
+                      test_hooks: dict | None = None) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
-    fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``storage_path`` (local dir or ``s3://``)
+    fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``callbacks``: Ray Train
+    user callbacks (a Tune trial passes ``TuneReportCallback``). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file.
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
@@ -196,6 +198,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.
                              logging_config=LoggingConfig(log_level="WARNING")),

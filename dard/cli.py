@@ -131,7 +131,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dard.config import NUM_CLASSES
     from dard.models import load_model
 
-    model, header = load_model(args.model)
+    if args.model.startswith("models:/"):
+        from dard.tracking import load_registered
+
+        model, header = load_registered(args.model, args.tracking_uri)
+    else:
+        model, header = load_model(args.model)
     dataset = header["dataset"]
     saved = (header.get("meta") or {}).get("config")
     cfg = _Config.for_dataset(dataset)
@@ -156,7 +161,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
     report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
                    "method": (header.get("meta") or {}).get("method")}
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model).with_name(Path(args.model).stem + "-eval")
+    stem = args.model.replace("models:/", "registry-").replace("/", "-").replace("@", "-")
+    out_dir = Path(args.out_dir) if args.out_dir else Path(stem if args.model.startswith("models:/") else args.model).with_name(
+        Path(stem).stem + "-eval")
     paths = write_report(report, out_dir)
     print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
     print(report.table())
@@ -180,6 +187,38 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
           + ("skipped" if args.no_verify else "manifest, sizes, sha256, schema, rows all ok"))
     if args.json:
         print(json.dumps(s, indent=2, default=str))
+    return 0
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    from dard.video import make_sample, run_video
+
+    if args.make_sample:
+        clip, labels = make_sample(args.out or "sample.mp4")
+        print(f"sample clip: {clip} (labels: {labels})")
+        return 0
+    if not args.input or not args.model:
+        raise ConfigError("dard video needs --input CLIP and --model PATH|models:/NAME@ALIAS (or --make-sample)")
+    if args.model.startswith("models:/"):
+        from dard.tracking import load_registered
+
+        model, header = load_registered(args.model, args.tracking_uri)
+    else:
+        from dard.models import load_model
+
+        model, header = load_model(args.model)
+    cfg = (header.get("meta") or {}).get("config") or {}
+    eps = args.eps if args.eps is not None else cfg.get("attack", {}).get("eps", 8 / 255)
+    step = args.step_size if args.step_size is not None else cfg.get("attack", {}).get("step_size", eps / 4)
+    labels = args.labels
+    if labels is None and Path(args.input).with_suffix(".labels.csv").exists():
+        labels = str(Path(args.input).with_suffix(".labels.csv"))
+    out = args.out or str(Path(args.input).with_name(Path(args.input).stem + f"-{args.attack}.mp4"))
+    r = run_video(args.input, model, header, attack=args.attack, out=out, eps=eps, step_size=step, labels_path=labels)
+    print(f"{r.frames} frames, attack {args.attack} (eps {eps:.4g}): flip rate {100 * r.flip_rate:.1f}%"
+          + (f", accuracy natural {100 * r.natural_accuracy:.1f}% -> attacked {100 * r.adversarial_accuracy:.1f}%"
+             if r.natural_accuracy is not None else ""))
+    print(f"video: {r.video}\nper-frame CSV: {r.csv}")
     return 0
 
 
@@ -220,7 +259,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="robustness report: natural, FGSM, PGD-20, BIM, T-PGD, CW, DPGD, AutoAttack")
-    p.add_argument("--model", required=True, help="dard model file")
+    p.add_argument("--model", required=True, help="dard model file, or models:/NAME@ALIAS from the MLflow registry")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--data-dir")
     p.add_argument("--attacks", help="comma list (default: all): natural,fgsm,pgd20,bim10,tpgd10,cw20,dpgd20,autoattack")
@@ -245,6 +285,18 @@ def make_parser() -> argparse.ArgumentParser:
 
     for ep in entry_points(group="dard.commands"):
         ep.load()(sub)  # cluster/ and tuning/ add their subcommands; dard/ never imports them
+
+    p = sub.add_parser("video", help="classify a clip natural vs attacked: annotated side-by-side MP4 + CSV")
+    p.add_argument("--input", help="video file")
+    p.add_argument("--model", help="dard model file or models:/NAME@ALIAS")
+    p.add_argument("--attack", choices=("dpgd", "pgd", "none"), default="dpgd")
+    p.add_argument("--out", help="output MP4 (with --make-sample: the sample clip to write)")
+    p.add_argument("--labels", help="CSV with frame,label (default: <input>.labels.csv if present)")
+    p.add_argument("--eps", type=pixel_value, help="default: the model's training eps")
+    p.add_argument("--step-size", type=pixel_value)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--make-sample", action="store_true", help="write a small clip of digits test images")
+    p.set_defaults(func=cmd_video)
 
     p = sub.add_parser("models", help="list architectures")
     p.set_defaults(func=cmd_models)

@@ -7,8 +7,10 @@ class (MLflow 3's default pt2 format returns a GraphModule).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,107 @@ def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str 
         client.log_artifact(run_id, str(p), artifact_path="robustness")
     for k, v in (metrics or {}).items():
         client.log_metric(run_id, f"{prefix}{k}_acc", float(v))
+
+
+def load_registered(model_uri: str, tracking_uri: str | None = None):
+    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> (model in eval mode, dard-style header).
+
+    The header comes from the version's tags (dataset, arch, config) written at registration.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dard.config import IMAGE_SHAPE, NUM_CLASSES
+
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    spec = model_uri[len("models:/"):]
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = spec.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"{model_uri}: not found in the registry at {uri} ({err}); "
+                            "see `dard registry show NAME`") from err
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu").eval()
+    dataset = version.tags.get("dard.dataset")
+    config = json.loads(version.tags["dard.config"]) if "dard.config" in version.tags else None
+    header = {"format": "registry", "arch": version.tags.get("dard.arch"), "dataset": dataset,
+              "num_classes": NUM_CLASSES.get(dataset), "in_channels": IMAGE_SHAPE.get(dataset, (3,))[0],
+              "arch_kwargs": {}, "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
+                                          "registry": f"{name} v{version.version}"}}
+    return model, header
+
+
+# ---- registry: register a student, move the champion alias only when it is better --------------
+# Model name ``dard-<dataset>-<arch>``. Each version carries tags with its validation robust
+# accuracy, dataset, arch and the full run config; the alias moves only if the new version's
+# validation PGD accuracy beats the current champion's (both recorded on the new version).
+
+ALIAS = "champion"
+METRIC = "val_pgd_acc"
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    metric: float
+    previous_champion: str | None
+    previous_metric: float | None
+    moved: bool
+
+
+def model_name(cfg) -> str:
+    return f"dard-{cfg.data.dataset}-{cfg.model.arch}"
+
+
+def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None = None) -> Promotion:
+    """Register the model logged in ``run_id`` (artifact ``model``) and move the alias if better."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(absolute_uri(tracking_uri))
+    client = MlflowClient()
+    name = name or model_name(cfg)
+    version = mlflow.register_model(f"runs:/{run_id}/model", name).version
+    tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
+            "dard.config": json.dumps(cfg.to_dict()), "dard.run_id": run_id}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    previous, previous_metric = None, None
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+        previous, previous_metric = current.version, float(current.tags.get(METRIC, "nan"))
+    except mlflow.exceptions.MlflowException:
+        pass  # no champion yet
+    moved = previous is None or metric > previous_metric
+    client.set_model_version_tag(name, version, "champion_at_registration",
+                                 "none" if previous is None else f"v{previous} ({METRIC} {previous_metric:.6f})")
+    if moved:
+        client.set_registered_model_alias(name, ALIAS, version)
+    client.set_model_version_tag(name, version, "promoted", str(moved).lower())
+    return Promotion(name, str(version), metric, previous, previous_metric, moved)
+
+
+def show(tracking_uri: str, name: str) -> list[dict]:
+    """Versions of ``name`` with their metrics and aliases, newest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
+    model = client.get_registered_model(name)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version), reverse=True):
+        rows.append({"version": v.version, "aliases": aliases.get(str(v.version), []), METRIC: v.tags.get(METRIC),
+                     "promoted": v.tags.get("promoted"), "champion_at_registration": v.tags.get("champion_at_registration"),
+                     "run_id": v.run_id, "created": v.creation_timestamp})
+    return rows
+
+

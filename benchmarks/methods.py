@@ -1,0 +1,204 @@
+"""DARD vs SAT / TRADES / ARD / RSLAD, plus DARD ablations, side by side over seeds.
+
+Every student has the same architecture, data, epochs, optimiser and teacher; all train from the
+same precomputed shards (the teacher's views and soft labels), so the only difference is the
+objective. Each is evaluated with the full protocol of DESIGN section 7 on the test split.
+
+    python benchmarks/methods.py                        # digits, 3 seeds (about an hour on 2 CPUs)
+    python benchmarks/methods.py --quick                # 1 seed, few epochs: a smoke run
+    python benchmarks/methods.py --dataset cifar10 --data-dir ~/data --student resnet18 --teacher wrn.pt
+
+Writes ``benchmarks/results/methods-<dataset>.md`` (mean +- std, machine, date, command),
+``methods-<dataset>.json`` (every run) and ``methods-<dataset>-curves.png`` (training curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster.precompute import precompute  # noqa: E402
+from dard.config import NUM_CLASSES, Config  # noqa: E402
+from dard.data import load_splits, to_float  # noqa: E402
+from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
+from dard.models import load_model  # noqa: E402
+from dard.training import fit, open_shards, shard_batches  # noqa: E402
+
+# name -> (method, overrides). Ablations change one knob of DARD's default each.
+VARIANTS = {
+    "SAT": ("sat", {}),
+    "TRADES": ("trades", {}),
+    "ARD": ("ard", {}),
+    "RSLAD": ("rslad", {}),
+    "DARD": ("dard", {}),
+    "DARD, PGD instead of DPGD": ("dard", {"attack": {"dpgd_loss": "ce"}}),
+    "DARD, w_adv=0": ("dard", {"loss": {"w_adv": 0.0}}),
+    "DARD, w_rob=0": ("dard", {"loss": {"w_rob": 0.0}}),
+    "DARD, dice divergence": ("dard", {"loss": {"divergence": "dice"}}),
+}
+REPORTED = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-dir")
+    p.add_argument("--student", help="student arch (default: the dataset's, cnn_small on digits)")
+    p.add_argument("--teacher", help="teacher model file (default: train a TRADES teacher here)")
+    p.add_argument("--teacher-arch", default=None, help="teacher arch when training one (digits: cnn_large)")
+    p.add_argument("--teacher-epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--views", type=int, default=4, help="augmented views per sample in the shards")
+    p.add_argument("--variants", help="comma list of variant names (default: all)")
+    p.add_argument("--aa-limit", type=int, default=200, help="AutoAttack on the first N test samples")
+    p.add_argument("--work", default=str(REPO / "runs" / "bench-methods"), help="models, shards, logs")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, 2-epoch teacher: smoke run")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.quick:
+        args.seeds, args.epochs, args.teacher_epochs, args.aa_limit = 1, 4, 2, 50
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    base = Config.for_dataset(args.dataset, data={"data_dir": args.data_dir}, optim={"epochs": args.epochs},
+                              run={"progress": False})
+    if args.student:
+        base.model.arch = args.student
+    started = time.time()
+
+    teacher = args.teacher
+    if teacher is None:
+        teacher = str(work / "teacher" / "model.pt")
+        if not Path(teacher).exists():
+            tcfg = Config.for_dataset(args.dataset, data={"data_dir": args.data_dir},
+                                      model={"arch": args.teacher_arch or ("cnn_large" if args.dataset == "digits" else "wrn34_10")},
+                                      loss={"method": "trades"}, optim={"epochs": args.teacher_epochs},
+                                      run={"out_dir": str(work / "teacher"), "progress": False})
+            logging.info("training the TRADES teacher (%d epochs)", args.teacher_epochs)
+            fit(tcfg, resume=True)
+
+    shard_sets: dict[str, str] = {}
+
+    def shards_for(cfg: Config) -> str:
+        key = f"{cfg.attack.dpgd_loss}-{cfg.attack.dpgd_schedule}"
+        if key not in shard_sets:
+            directory = str(work / f"shards-{key}")
+            logging.info("precomputing shards %s", directory)
+            precompute(cfg, teacher, directory, views=args.views, rows_per_part=2048, use_ray=False)
+            shard_sets[key] = directory
+        return shard_sets[key]
+
+    splits = load_splits(base.data)
+    x_test, y_test = to_float(splits.test.images), splits.test.labels
+    runs = []
+    results_path = work / "runs.json"
+    done = {(r["variant"], r["seed"]): r for r in json.loads(results_path.read_text())} if results_path.exists() else {}
+    for seed in range(args.seeds):
+        for name in names:
+            if (name, seed) in done:
+                runs.append(done[(name, seed)])
+                continue
+            method, over = VARIANTS[name]
+            raw = merge(base.to_dict(), merge(over, {"loss": {"method": method}, "run": {
+                "seed": seed, "out_dir": str(work / f"{name.replace(' ', '_').replace(',', '')}-s{seed}")}}))
+            cfg = Config.for_dataset(args.dataset, **raw)
+            reader = open_shards(shards_for(cfg), cfg, check="fast")
+            source, steps = shard_batches(reader, cfg)
+            t0 = time.time()
+            result = fit(cfg, batch_source=source, batches_per_epoch=steps)
+            train_s = time.time() - t0
+            model, _ = load_model(result["model_path"])
+            settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, seed=seed,
+                                    autoattack_limit=args.aa_limit, num_classes=NUM_CLASSES[args.dataset],
+                                    eps_curve=False, sanity_checks=seed == 0)
+            report = evaluate_model(model, x_test, y_test, settings, progress=False)
+            history = [json.loads(l) for l in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]
+            run = {"variant": name, "seed": seed, "accuracy": report.accuracy, "train_seconds": train_s,
+                   "checks": [c.__dict__ for c in report.checks],
+                   "curve": [(h["epoch"], h.get("val_natural_acc"), h.get("val_pgd_acc")) for h in history]}
+            runs.append(run)
+            done[(name, seed)] = run
+            results_path.write_text(json.dumps(list(done.values()), indent=1))
+            logging.info("%s seed %d: %s (%.0f s)", name, seed,
+                         ", ".join(f"{k} {100 * v:.1f}" for k, v in report.accuracy.items()), train_s)
+
+    write_results(runs, names, args, out, time.time() - started, base)
+    return 0
+
+
+def write_results(runs: list[dict], names: list[str], args, out: Path, seconds: float, base: Config) -> None:
+    table = {}
+    for name in names:
+        rows = [r for r in runs if r["variant"] == name]
+        table[name] = {a: [r["accuracy"][a] for r in rows if a in r["accuracy"]] for a in REPORTED}
+    fmt = lambda v: (f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}" if len(v) > 1  # noqa: E731
+                     else f"{100 * v[0]:.1f}" if v else "–")
+    lines = [f"# Methods on {args.dataset}: mean ± std over {args.seeds} seed(s), test split, accuracy %", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total {seconds / 60:.0f} min",
+             f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+             f"torch {torch.__version__}",
+             f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`",
+             f"- student {base.model.arch}, {args.epochs} epochs, batch {base.optim.batch_size}, lr {base.optim.lr} "
+             f"({base.optim.lr_schedule}); eps {base.attack.eps:.4g}, step {base.attack.step_size:.4g}, "
+             f"{base.attack.steps} training attack steps; shards with {args.views} views; "
+             f"AutoAttack on the first {args.aa_limit} test samples, the rest on all", "",
+             "| method | " + " | ".join(REPORTED) + " |", "|---|" + "---|" * len(REPORTED)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(fmt(table[name][a]) for a in REPORTED) + " |")
+    failed = sorted({(r["variant"], c["name"]) for r in runs for c in r["checks"] if not c["passed"]})
+    lines += ["", "Sanity checks (seed 0): " + ("all passed" if not failed else
+                                                 "FAILED: " + ", ".join(f"{v}: {c}" for v, c in failed))]
+    (out / f"methods-{args.dataset}.md").write_text("\n".join(lines) + "\n")
+    (out / f"methods-{args.dataset}.json").write_text(json.dumps(runs, indent=1))
+    plot_curves(runs, names, out / f"methods-{args.dataset}-curves.png")
+    print("\n".join(lines))
+
+
+def plot_curves(runs: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for name in names:
+        rows = [r for r in runs if r["variant"] == name and r["seed"] == 0]
+        if not rows:
+            continue
+        curve = rows[0]["curve"]
+        axes[0].plot([c[0] + 1 for c in curve], [100 * (c[1] or 0) for c in curve], label=name)
+        axes[1].plot([c[0] + 1 for c in curve], [100 * (c[2] or 0) for c in curve], label=name)
+    axes[0].set_title("validation natural accuracy (seed 0)")
+    axes[1].set_title("validation PGD-10 accuracy (seed 0)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""`dard demo`: the whole system on the embedded digits, in one go, on a laptop.
+
+Stages (each reused on a re-run unless ``--fresh``; each shows progress):
+1. a robust teacher (TRADES, cnn_large)
+2. teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)
+3. the DARD student with Ray Train, 2 DDP workers, from the shards
+4. a SAT student, same architecture, epochs, workers and data (the baseline at equal budget)
+5. the full attack suite on the test split for teacher, DARD and SAT students
+6. MLflow: a run per model with metrics and reports; the DARD student registered as
+   ``dard-digits-<arch>`` (champion only if it beats the current one)
+7. a side-by-side table, and where the MLflow UI, shards and checkpoints are
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dard.config import NUM_CLASSES, Config
+from dard.data import load_splits, to_float
+from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
+from dard.models import load_model
+from dard.shards import ShardError, verify
+from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote
+
+log = logging.getLogger("dard")
+
+
+@dataclass
+class DemoSettings:
+    out: str = "runs/demo"
+    teacher_epochs: int = 30
+    student_epochs: int = 30
+    workers: int = 2
+    views: int = 2
+    aa_limit: int = 200
+    eval_limit: int | None = None
+    limit_train: int | None = None
+    tracking_uri: str | None = None
+    fresh: bool = False
+    address: str | None = None
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoSettings":
+        """Minutes -> about a minute: for the test suite and a first look."""
+        return cls(**{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 20, "eval_limit": 100,
+                      "limit_train": 512, **kw})
+
+
+def _stage(number: int, text: str) -> float:
+    print(f"[{number}/7] {text}", flush=True)
+    return time.time()
+
+
+def _done(started: float, detail: str = "") -> None:
+    print(f"      done in {time.time() - started:.0f} s{': ' + detail if detail else ''}", flush=True)
+
+
+def run_demo(s: DemoSettings) -> dict:
+    from cluster.precompute import precompute
+    from cluster.train import train_distributed
+    from dard.tracking import default_tracking_uri
+    from dard.training import fit
+
+    out = Path(s.out).absolute()
+    if s.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = check_tracking_uri(s.tracking_uri or default_tracking_uri())
+    data = {"limit_train": s.limit_train}
+    summary: dict = {"out": str(out), "tracking_uri": uri}
+
+    t = _stage(1, f"robust teacher: TRADES cnn_large on digits, {s.teacher_epochs} epochs")
+    teacher_cfg = Config.for_dataset("digits", model={"arch": "cnn_large"}, loss={"method": "trades"}, data=data,
+                                     optim={"epochs": s.teacher_epochs}, run={"out_dir": str(out / "teacher")})
+    teacher_path = out / "teacher" / "model.pt"
+    if teacher_path.exists():
+        _done(t, f"reused {teacher_path}")
+    else:
+        fit(teacher_cfg, resume=True)  # an interrupted demo continues the teacher from its checkpoint
+        _done(t, str(teacher_path))
+
+    student_cfg = Config.for_dataset("digits", data=data, optim={"epochs": s.student_epochs},
+                                     run={"out_dir": str(out / "dard")})
+    shards = out / "shards"
+    t = _stage(2, f"teacher soft labels on natural + DPGD views ({s.views} per sample) -> Arrow shards, Ray tasks")
+    try:
+        verify(str(shards))
+        _done(t, f"reused {shards}")
+    except ShardError:
+        result = precompute(student_cfg, teacher_path, str(shards), views=s.views, rows_per_part=512,
+                            address=s.address)
+        _done(t, f"{result.manifest['rows']} rows in {len(result.manifest['parts'])} parts, {shards}")
+
+    students = {}
+    for number, method in ((3, "dard"), (4, "sat")):
+        label = "DARD" if method == "dard" else "SAT (baseline, same budget)"
+        t = _stage(number, f"{label} student cnn_small: Ray Train, {s.workers} DDP workers, {s.student_epochs} epochs")
+        cfg = Config.for_dataset("digits", data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
+                                 run={"out_dir": str(out / method)})
+        model_path = out / method / "model.pt"
+        logger = EpochLogger({"uri": uri, "experiment": "dard-demo", "run_name": f"demo-{method}"}, cfg)
+        if model_path.exists():
+            _done(t, f"reused {model_path}")
+            logger.log(json.loads(Path(out / method / "final_metrics.json").read_text()), s.student_epochs - 1)
+        else:
+            result = train_distributed(cfg, str(shards), workers=s.workers, name=f"demo-{method}",
+                                       storage_path=str(out / "ray"), address=s.address,
+                                       tracking={"uri": uri, "run_id": logger.run_id}, out=str(model_path))
+            Path(out / method / "final_metrics.json").write_text(json.dumps(result.metrics))
+            _done(t, f"validation natural {100 * result.metrics['val_natural_acc']:.1f}%, "
+                     f"PGD-10 {100 * result.metrics['val_pgd_acc']:.1f}%")
+        students[method] = (model_path, cfg, logger)
+
+    t = _stage(5, "the attack suite on the test split: " + ", ".join(ATTACKS))
+    test = load_splits(student_cfg.data).test
+    x, y = to_float(test.images), test.labels
+    reports = {}
+    for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
+        model, header = load_model(path)
+        settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size,
+                                limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=NUM_CLASSES["digits"])
+        report = evaluate_model(model, x, y, settings)
+        report.meta = {"model": name, "arch": header["arch"], "dataset": "digits", "split": "test"}
+        reports[name] = (report, write_report(report, out / "reports", stem=name.lower()))
+    _done(t, f"reports in {out / 'reports'}")
+
+    t = _stage(6, f"MLflow ({uri}): metrics, reports, models; register the DARD student")
+    for method, label in (("dard", "DARD"), ("sat", "SAT")):
+        path, cfg, logger = students[method]
+        report, paths = reports[label]
+        log_report_artifacts(logger.run_id, paths, uri, metrics=report.accuracy)
+        model, _ = load_model(path)
+        log_model(logger.run_id, model, x[:2], tracking_uri=uri)
+        logger.close()
+    dard_metrics = json.loads(Path(out / "dard" / "final_metrics.json").read_text())
+    promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics["val_pgd_acc"]), students["dard"][1])
+    _done(t, f"{promotion.name} v{promotion.version} " + ("is the champion" if promotion.moved else
+                                                          f"registered; champion stays v{promotion.previous_champion}"))
+
+    _stage(7, "results")
+    table = side_by_side({k: v[0] for k, v in reports.items()})
+    print(table)
+    warnings = [f"{name}: {c.name}: {c.detail}" for name, (r, _) in reports.items() for c in r.warnings]
+    if warnings:
+        print("sanity-check warnings:\n  " + "\n  ".join(warnings))
+    print(f"\nMLflow UI:    dard ui --tracking-uri {uri}   (or: mlflow ui --backend-store-uri {uri})")
+    print(f"registry:     dard registry show {promotion.name} --tracking-uri {uri}")
+    print(f"shards:       dard shards inspect {shards}")
+    print(f"checkpoints:  {out / 'ray'} (Ray Train), models {out}/{{teacher,dard,sat}}/model.pt")
+    print(f"reports:      {out / 'reports'}/*.html")
+    (out / "results.md").write_text(table + "\n")
+    summary.update(table=table, reports={k: v[0].to_dict() for k, v in reports.items()},
+                   promotion=promotion.__dict__, warnings=warnings)
+    return summary
+
+
+def side_by_side(reports: dict) -> str:
+    names = list(reports)
+    attacks = [a for a in ATTACKS if all(a in r.accuracy for r in reports.values())]
+    head = f"{'accuracy (%)':<13}" + "".join(f"{n:>10}" for n in names)
+    lines = [head, "-" * len(head)]
+    for a in attacks:
+        lines.append(f"{a:<13}" + "".join(f"{100 * reports[n].accuracy[a]:>10.1f}" for n in names))
+    n_aa = {r.samples.get("autoattack") for r in reports.values()}
+    lines.append(f"(test split, eps 0.2; AutoAttack on the first {n_aa.pop()} samples)")
+    return "\n".join(lines)

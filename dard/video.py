@@ -1,0 +1,224 @@
+"""`dard video`: classify every frame of a clip natural and under attack; annotated MP4 + CSV.
+
+Frames are decoded with ffmpeg-python, using the static ffmpeg binary that imageio-ffmpeg ships
+unless one is on PATH, so no system package is needed. Each frame is centre-cropped to a square,
+resized to the model's input (area averaging; grey for 1-channel models), classified, attacked
+(PGD-20 or DPGD-20 at the model's eps), classified again, and drawn side by side: natural |
+adversarial, each with prediction and confidence, and whether the attack flipped it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_TAG = "dard-dataset="
+
+
+class VideoError(ValueError):
+    """A missing or unreadable clip, a clip without video, or a clip made for another dataset."""
+
+
+def ffmpeg_binary() -> str:
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _probe(path: Path) -> dict:
+    """Stream info via `ffmpeg -i` (ffprobe is not shipped by imageio-ffmpeg)."""
+    import re
+    import subprocess
+
+    out = subprocess.run([ffmpeg_binary(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    match = re.search(r"Stream #\S+.*?Video: .*?(\d{2,5})x(\d{2,5})", out)
+    if not match:
+        if "Invalid data" in out or "could not find codec" in out.lower() or "moov atom not found" in out:
+            raise VideoError(f"{path}: not a readable video file ({out.strip().splitlines()[-1]})")
+        raise VideoError(f"{path}: has no video stream")
+    fps = re.search(r"(\d+(?:\.\d+)?) fps", out)
+    comment = re.search(r"comment\s*:\s*(.*)", out)
+    return {"width": int(match.group(1)), "height": int(match.group(2)), "fps": float(fps.group(1)) if fps else 25.0,
+            "comment": comment.group(1).strip() if comment else ""}
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, float, str]:
+    """(frames uint8 (N, H, W, 3), fps, comment metadata)."""
+    import ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"video not found: {path}")
+    info = _probe(path)
+    raw, _ = (ffmpeg.input(str(path)).output("pipe:", format="rawvideo", pix_fmt="rgb24")
+              .run(cmd=ffmpeg_binary(), capture_stdout=True, capture_stderr=True))
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, info["height"], info["width"], 3)
+    if len(frames) == 0:
+        raise VideoError(f"{path}: the video stream has no frames")
+    return frames, info["fps"], info["comment"]
+
+
+def write_frames(path: str | Path, frames: np.ndarray, fps: float, comment: str = "") -> Path:
+    """frames: uint8 (N, H, W, 3), H and W even. H.264, yuv420p, near-lossless (crf 12)."""
+    import ffmpeg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, h, w, _ = frames.shape
+    kwargs = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": 12, "r": fps}
+    if comment:
+        kwargs["metadata"] = f"comment={comment}"
+    (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", r=fps)
+     .output(str(path), **kwargs).overwrite_output()
+     .run(cmd=ffmpeg_binary(), input=np.ascontiguousarray(frames).tobytes(), capture_stdout=True, capture_stderr=True))
+    return path
+
+
+def frames_to_inputs(frames: np.ndarray, channels: int, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, channels, size, size) in [0, 1]: centre square crop, area resize."""
+    x = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 255
+    h, w = x.shape[2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[:, :, top:top + side, left:left + side]
+    x = F.interpolate(x, size=(size, size), mode="area")
+    if channels == 1:
+        x = x.mean(1, keepdim=True)
+    return x.clamp(0, 1)
+
+
+def make_sample(path: str | Path, n_images: int = 24, frames_per_image: int = 2, size: int = 64, fps: float = 8,
+                seed: int = 0) -> tuple[Path, Path]:
+    """A small clip of digits test images (each held ``frames_per_image`` frames) and its labels CSV."""
+    from dard.config import Config
+    from dard.data import load_splits
+
+    test = load_splits(Config.for_dataset("digits").data).test
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_images]
+    images = test.images[idx].float()  # (n, 1, 8, 8) uint8 values
+    big = F.interpolate(images, size=(size, size), mode="nearest").round().clamp(0, 255).to(torch.uint8)
+    frames = big.repeat_interleave(frames_per_image, 0).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    labels = test.labels[idx].repeat_interleave(frames_per_image).tolist()
+    path = write_frames(path, frames, fps, comment=f"{SAMPLE_TAG}digits")
+    labels_path = Path(path).with_suffix(".labels.csv")
+    with open(labels_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["frame", "label"])
+        w.writerows(enumerate(labels))
+    return path, labels_path
+
+
+def read_labels(path: str | Path, n_frames: int, num_classes: int) -> torch.Tensor:
+    rows = list(csv.DictReader(open(path)))
+    if len(rows) != n_frames:
+        raise VideoError(f"{path}: {len(rows)} labels for {n_frames} frames")
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise VideoError(f"{path}: labels outside [0, {num_classes}) for this model")
+    return labels
+
+
+@dataclass
+class VideoResult:
+    frames: int
+    flip_rate: float
+    natural_accuracy: float | None
+    adversarial_accuracy: float | None
+    video: Path
+    csv: Path
+
+
+def annotate(natural: np.ndarray, adversarial: np.ndarray, texts: tuple[str, str], flipped: bool,
+             panel: int = 256) -> np.ndarray:
+    """Two panels side by side with a caption strip under each; uint8 (panel + 40, 2 * panel, 3)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (2 * panel, panel + 40), "white")
+    for i, (img, text) in enumerate(zip((natural, adversarial), texts)):
+        tile = Image.fromarray(img).resize((panel, panel), Image.NEAREST)
+        canvas.paste(tile, (i * panel, 0))
+        draw = ImageDraw.Draw(canvas)
+        color = (200, 0, 0) if (i == 1 and flipped) else (0, 0, 0)
+        draw.text((i * panel + 6, panel + 4), text, fill=color)
+    draw.text((6, panel + 22), "natural", fill=(90, 90, 90))
+    draw.text((panel + 6, panel + 22), "attacked" + ("  FLIPPED" if flipped else ""), fill=(90, 90, 90))
+    return np.asarray(canvas)
+
+
+def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, attack: str, out: str | Path,
+              eps: float, step_size: float, labels_path: str | Path | None = None, batch_size: int = 64,
+              seed: int = 0) -> VideoResult:
+    """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV."""
+    from dard.attacks import dpgd, pgd
+    from dard.config import IMAGE_SHAPE
+
+    if attack not in ("dpgd", "pgd", "none"):
+        raise VideoError(f"--attack must be dpgd, pgd or none, got {attack!r}")
+    frames, fps, comment = read_frames(input_path)
+    dataset = header.get("dataset")
+    if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
+        raise VideoError(f"{input_path}: a sample clip made for {comment[len(SAMPLE_TAG):]!r}, but the model was "
+                         f"trained on {dataset!r}; make a sample for the model's dataset")
+    channels, size, _ = IMAGE_SHAPE.get(dataset, (header["in_channels"], 32, 32))
+    if header.get("in_channels") not in (None, channels):
+        raise VideoError(f"model expects {header['in_channels']} input channels but dataset {dataset} has {channels}")
+    x = frames_to_inputs(frames, channels, size)
+    device = next(model.parameters()).device
+    model.eval()
+    labels = read_labels(labels_path, len(x), header["num_classes"]) if labels_path else None
+    nat_p, adv_p, x_adv_all = [], [], []
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        with torch.no_grad():
+            p = torch.softmax(model(xb), 1)
+        target = labels[i:i + batch_size].to(device) if labels is not None else p.argmax(1)
+        if attack == "pgd":
+            xa = pgd(model, xb, target, eps, step_size, 20, generator=gen)
+        elif attack == "dpgd":
+            xa = dpgd(model, xb, target, eps=eps, step_size=step_size, steps=20, generator=gen)
+        else:
+            xa = xb
+        with torch.no_grad():
+            pa = torch.softmax(model(xa), 1)
+        nat_p.append(p.cpu())
+        adv_p.append(pa.cpu())
+        x_adv_all.append(xa.cpu())
+    nat_p, adv_p, x_adv = torch.cat(nat_p), torch.cat(adv_p), torch.cat(x_adv_all)
+    pred, pred_adv = nat_p.argmax(1), adv_p.argmax(1)
+    flipped = pred != pred_adv
+
+    def to_rgb(t: torch.Tensor) -> np.ndarray:
+        img = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return np.repeat(img, 3, 2) if img.shape[2] == 1 else img
+
+    panels = [annotate(to_rgb(x[i]), to_rgb(x_adv[i]),
+                       (f"pred {int(pred[i])} ({100 * float(nat_p[i].max()):.0f}%)",
+                        f"pred {int(pred_adv[i])} ({100 * float(adv_p[i].max()):.0f}%)"), bool(flipped[i]))
+              for i in range(len(x))]
+    out = Path(out)
+    write_frames(out, np.stack(panels), fps)
+    csv_path = out.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["frame", "label", "pred", "confidence", "pred_attacked", "confidence_attacked", "flipped"])
+        for i in range(len(x)):
+            w.writerow([i, "" if labels is None else int(labels[i]), int(pred[i]), f"{float(nat_p[i].max()):.4f}",
+                        int(pred_adv[i]), f"{float(adv_p[i].max()):.4f}", int(flipped[i])])
+    nat_acc = adv_acc = None
+    if labels is not None:
+        nat_acc = (pred == labels).float().mean().item()
+        adv_acc = (pred_adv == labels).float().mean().item()
+    result = VideoResult(len(x), flipped.float().mean().item(), nat_acc, adv_acc, out, csv_path)
+    out.with_suffix(".json").write_text(json.dumps({**result.__dict__, "video": str(out), "csv": str(csv_path),
+                                                    "attack": attack, "eps": eps}, indent=2))
+    return result

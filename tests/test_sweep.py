@@ -1,0 +1,122 @@
+"""Sweeps end to end: MLflow parent/child runs, registry champion logic, resume, early errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dard.cli import main
+from dard.tracking import TrackingError
+from tests.conftest import digits_config
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep_env(trained_models, tmp_path_factory):
+    from cluster.precompute import precompute
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = digits_config(tmp, data={"limit_train": 512}, attack={"steps": 2})
+    precompute(cfg, trained_models["teacher"]["model_path"], str(tmp / "shards"), views=2, use_ray=False)
+    return {"dir": tmp, "shards": str(tmp / "shards"), "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+def runs_named(client, name):
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("mlflow.runName") == name]
+
+
+def sweep_args(env, name, *extra):
+    return ["sweep", "--shards", env["shards"], "--limit-train", "512", "--steps", "2", "--epochs", "3",
+            "--no-progress", "--name", name, "--tracking-uri", env["uri"], "--run-dir", str(env["dir"] / "run"),
+            "--set", "run.eval_limit=90", *extra]
+
+
+def test_sweep_tracks_registers_and_guards_the_champion(sweep_env, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tuning.promote import show
+    from tuning.sweep import child_runs
+
+    assert main(sweep_args(sweep_env, "first", "--trials", "3", "--space", "rslad-like")) == 0
+    out = capsys.readouterr().out
+    assert "registered dard-digits-cnn_small v1" in out and "new champion" in out
+    client = MlflowClient(tracking_uri=sweep_env["uri"])
+    parent_id = runs_named(client, "first")[0].info.run_id
+    children = child_runs(sweep_env["uri"], parent_id)
+    assert len(children) == 3
+    for child in children:  # each trial's own parameters, normalised weights summing to 1
+        p = child.data.params
+        assert float(p["loss.w_adv"]) + float(p["loss.w_rob"]) + float(p["loss.w_nat"]) == pytest.approx(1, abs=1e-6)
+        assert "trial.temperature" in p and "val_pgd_acc" in child.data.metrics
+    versions = show(sweep_env["uri"], "dard-digits-cnn_small")
+    assert versions[0]["aliases"] == ["champion"]
+    first_metric = float(versions[0]["val_pgd_acc"])
+
+    # a deliberately worse sweep (the learning rate leaves the student at its initialisation)
+    space = tmp_path / "bad.yaml"
+    space.write_text("lr: 1.0e-7\nw_rob: 1.0\nw_adv: 0.0\nw_nat: 0.0\n")
+    assert main(sweep_args(sweep_env, "worse", "--trials", "1", "--space", str(space))) == 0
+    assert "alias unchanged" in capsys.readouterr().out
+    versions = show(sweep_env["uri"], "dard-digits-cnn_small")
+    assert [v["version"] for v in versions] == ["2", "1"]
+    assert versions[0]["aliases"] == [] and versions[1]["aliases"] == ["champion"]
+    assert float(versions[0]["val_pgd_acc"]) < first_metric
+    assert versions[0]["champion_at_registration"].startswith("v1")
+
+    # the champion loads by name and evaluates
+    assert main(["evaluate", "--model", "models:/dard-digits-cnn_small@champion", "--tracking-uri", sweep_env["uri"],
+                 "--attacks", "natural,pgd20", "--limit", "50", "--no-checks", "--no-progress",
+                 "--out-dir", str(tmp_path / "eval")]) == 0
+    assert "pgd20" in capsys.readouterr().out
+
+
+def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tuning.sweep import child_runs
+
+    args = sweep_args(sweep_env, "resumable", "--trials", "2", "--no-promote")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(tracking_uri=sweep_env["uri"])
+
+    def resumable_children():
+        parents = runs_named(client, "resumable")
+        return parents, (child_runs(sweep_env["uri"], parents[0].info.run_id) if parents else [])
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once the first trial has finished
+        parents, children = resumable_children()
+        if any(c.info.status == "FINISHED" for c in children):
+            break
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    parents, children = resumable_children()
+    finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
+    assert len(finished_before) == 1
+
+    assert main([*args, "--resume"]) == 0
+    parents, children = resumable_children()
+    assert len(parents) == 1  # the same parent run continues
+    finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
+    assert len(set(finished)) == 2 and len(finished) == 2  # N trials in total, the finished one not re-run
+    assert finished_before <= set(finished)
+
+
+def test_bad_inputs_fail_before_any_trial(sweep_env, capsys):
+    assert main(sweep_args(sweep_env, "x", "--space", "nope")) == 2
+    assert "unknown search space 'nope'" in capsys.readouterr().err
+    assert main(sweep_args(sweep_env, "x", "--tracking-uri", "http://127.0.0.1:9")) == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert main(sweep_args(sweep_env, "x", "--temperature", "0")) == 2
+    assert "loss.temperature" in capsys.readouterr().err
+    assert main(sweep_args(sweep_env, "never-ran", "--resume")) == 2
+    assert "no sweep at" in capsys.readouterr().err

@@ -1,0 +1,211 @@
+"""Ray Tune sweeps over DARD's temperature and loss weights (DESIGN section 6).
+
+Each trial runs the cluster trainer (Train inside Tune, as Ray 2.5x+ documents it: a Tune
+function that builds a ``TorchTrainer`` with ``TuneReportCallback``; ``Tuner(trainer)`` is
+deprecated). OptunaSearch proposes points, ASHA stops poor trials early on epochs. Objective:
+validation PGD accuracy (``val_pgd_acc``, from the held-out validation split; the test split is
+never seen), natural accuracy recorded alongside.
+
+MLflow: one parent run per sweep, one child run per trial (params, per-epoch metrics, the
+student with a signature). ``--resume`` continues an interrupted sweep (``Tuner.restore``):
+finished trials are kept, unfinished ones re-run, and the parent run is reused.
+
+Resources: one trial at a time on a laptop (``max_concurrent`` defaults to what the cluster
+fits: GPUs // workers_per_trial, or 1 without GPUs); the trial's own driver takes 0.01 CPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dard.config import Config
+from dard.tracking import EpochLogger, absolute_uri, check_tracking_uri, log_model
+from tuning.space import apply, load_space, to_tune, validate_space
+
+log = logging.getLogger("dard")
+OBJECTIVE = "val_pgd_acc"
+PARENT_FILE = "mlflow_parent_run.json"
+
+
+@dataclass
+class SweepResult:
+    best_params: dict[str, Any]
+    best_metrics: dict[str, Any]
+    best_checkpoint: str
+    best_run_id: str | None
+    parent_run_id: str
+    trials: int
+    experiment_path: str
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: apply the point, train with DDP, log to an MLflow child run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cluster.train import train_distributed
+    from dard.config import from_dict
+
+    ctx = config["_ctx"]
+    params = {k: v for k, v in config.items() if k != "_ctx"}
+    cfg = apply(from_dict(ctx["run"]), params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.run.out_dir = str(Path(ctx["storage"]) / "trials" / trial_id)
+    tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
+                           "parent_run_id": ctx["parent_run_id"],
+                           "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
+    tracker.client.log_batch(tracker.run_id, params=[
+        __import__("mlflow").entities.Param(f"trial.{k}", str(v)) for k, v in params.items()])
+    try:
+        result = train_distributed(
+            cfg, ctx["shards"], workers=ctx["workers"], use_gpu=ctx["use_gpu"], name=f"train-{trial_id}",
+            storage_path=str(Path(ctx["storage"]) / "train"), max_failures=1,
+            tracking={"uri": ctx["tracking_uri"], "run_id": tracker.run_id}, callbacks=[TuneReportCallback()],
+            cpus_per_worker=ctx["cpus_per_worker"])
+    except BaseException:
+        tracker.close("KILLED")
+        raise
+    # Nothing after training: ASHA stops a trial as soon as it reports its last epoch (max_t), so
+    # the model is logged by the sweep driver for the best trial (see _log_best_model).
+
+
+def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, workers_per_trial: int = 1,
+          name: str = "dard-sweep", storage_path: str | None = None, tracking_uri: str | None = None,
+          experiment: str = "dard-sweeps", resume: bool = False, address: str | None = None,
+          max_concurrent: int | None = None, grace_period: int = 1, seed: int = 0,
+          use_gpu: bool | None = None, cpus_per_worker: float | None = None) -> SweepResult:
+    """Run (or resume) a sweep; returns the best trial by validation PGD accuracy.
+
+    Everything that can be wrong with the inputs (space, config, shards, tracking URI) fails
+    here, before any trial starts.
+    """
+    from dard.tracking import default_tracking_uri
+    from dard.training import open_shards
+
+    space_dict = load_space(space) if isinstance(space, str) else validate_space(space)
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    cfg.loss.method = "dard"
+    cfg.validate()
+    uri = check_tracking_uri(tracking_uri or default_tracking_uri())
+    open_shards(shards, cfg, check="full")
+    storage = Path(storage_path or Path(cfg.run.out_dir) / "sweeps").absolute()
+    experiment_path = storage / name
+    if resume and not experiment_path.exists():
+        raise FileNotFoundError(f"--resume: no sweep at {experiment_path}; run it once without --resume")
+
+    from cluster.ray_session import cluster_has_gpus, ensure_ray
+
+    ray = ensure_ray(address)
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    if use_gpu is None:
+        use_gpu = cluster_has_gpus()
+    if max_concurrent is None:
+        max_concurrent = max(1, int(ray.cluster_resources().get("GPU", 0)) // workers_per_trial) if use_gpu else 1
+    experiment_path.mkdir(parents=True, exist_ok=True)
+    parent_file = experiment_path / PARENT_FILE
+    if resume and parent_file.exists():
+        parent_run_id = json.loads(parent_file.read_text())["run_id"]
+    else:
+        parent = EpochLogger({"uri": uri, "experiment": experiment, "run_name": name,
+                              "tags": {"dard.sweep": name, "dard.space": json.dumps(space_dict)[:5000]}}, cfg)
+        parent_run_id = parent.run_id
+        parent_file.write_text(json.dumps({"run_id": parent_run_id}))
+    ctx = {"run": cfg.to_dict(), "shards": shards if "://" in shards else str(Path(shards).absolute()),
+           "workers": workers_per_trial, "use_gpu": use_gpu, "storage": str(experiment_path),
+           "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
+           "cpus_per_worker": cpus_per_worker}
+    trainable = tune.with_resources(_trial, {"cpu": 0.01})
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space={**to_tune(space_dict), "_ctx": ctx})
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**to_tune(space_dict), "_ctx": ctx},
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=max_concurrent,
+                # Optuna needs at least one distribution; an all-fixed space just runs that point.
+                search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space_dict.values()) else None,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                                        grace_period=min(grace_period, cfg.optim.epochs))),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    grid = tuner.fit()
+    # The best trial among those that ran every epoch: a trial ASHA stopped early has an
+    # earlier-epoch score (not comparable) and no logged model.
+    finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
+                and OBJECTIVE in r.metrics]
+    if not finished:
+        raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs; see {experiment_path}")
+    best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
+    best_params = {k: v for k, v in best.config.items() if k != "_ctx"}
+    best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
+    best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
+    if best_run_id:
+        _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params))
+    _close_stopped_children(uri, parent_run_id)
+    _summarise_parent(uri, parent_run_id, best_params, best_metrics, len(grid))
+    return SweepResult(best_params, best_metrics, best.metrics["checkpoint_path"], best_run_id, parent_run_id,
+                       len(grid), str(experiment_path))
+
+
+def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) -> None:
+    """The best trial's student (from its last checkpoint) into its child run, with a signature."""
+    from dard.checkpoint import load_checkpoint
+    from dard.data import load_splits, to_float
+    from dard.models import build_for
+
+    model = build_for(cfg.model, cfg.data.dataset)
+    model.load_state_dict(load_checkpoint(Path(checkpoint_path) / "checkpoint.pt")["model"])
+    log_model(run_id, model, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
+
+
+def _close_stopped_children(uri: str, parent_run_id: str) -> None:
+    """Trials that ASHA stopped mid-training never closed their run: mark them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    for run in child_runs(uri, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | None:
+    from mlflow.tracking import MlflowClient
+    import mlflow
+
+    mlflow.set_tracking_uri(absolute_uri(uri))
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`dard.trial_id` = '{trial_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict, trials: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    for k, v in params.items():
+        client.set_tag(parent_run_id, f"best.{k}", str(v))
+    for k in ("val_pgd_acc", "val_natural_acc"):
+        if k in metrics:
+            client.log_metric(parent_run_id, f"best_{k}", float(metrics[k]))
+    client.log_metric(parent_run_id, "trials", trials)
+    client.set_terminated(parent_run_id, "FINISHED")
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """The sweep's trial runs (for `dard registry`, tests and reports)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
