@@ -161,9 +161,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
     report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
                    "method": (header.get("meta") or {}).get("method")}
-    stem = args.model.replace("models:/", "registry-").replace("/", "-").replace("@", "-")
-    out_dir = Path(args.out_dir) if args.out_dir else Path(stem if args.model.startswith("models:/") else args.model).with_name(
-        Path(stem).stem + "-eval")
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.model.startswith("models:/"):
+        out_dir = Path(args.model[len("models:/"):].replace("/", "-").replace("@", "-") + "-eval")
+    else:
+        out_dir = Path(args.model).with_name(Path(args.model).stem + "-eval")
     paths = write_report(report, out_dir)
     print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
     print(report.table())

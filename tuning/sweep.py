@@ -143,7 +143,10 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
                 and OBJECTIVE in r.metrics]
     if not finished:
-        raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs; see {experiment_path}")
+        seen = [(r.metrics or {}).get("training_iteration") for r in grid]
+        errors = [str(r.error)[:300] for r in grid if r.error]
+        raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs (epochs reached: {seen}; "
+                           f"errors: {errors}); see {experiment_path}")
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
     best_params = {k: v for k, v in best.config.items() if k != "_ctx"}
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
