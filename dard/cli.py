@@ -156,8 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(eps=args.eps if args.eps is not None else cfg.attack.eps,
                             step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
                             attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
-                            seed=args.seed, num_classes=NUM_CLASSES[dataset], dpgd_loss=cfg.attack.dpgd_loss,
-                            dpgd_schedule=cfg.attack.dpgd_schedule, sanity_checks=not args.no_checks)
+                            seed=args.seed, num_classes=NUM_CLASSES[dataset], sanity_checks=not args.no_checks)
     report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
     report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
                    "method": (header.get("meta") or {}).get("method")}
