@@ -14,7 +14,7 @@ from torch import nn
 from dard.config import AttackConfig, DataConfig
 from dard.data import ArrayDataset, apply_augment, draw_augment, to_float
 from dard.shards import rows_to_table
-from dard.teacher import quantize_delta, teacher_outputs
+from dard.teacher import forward_logits, quantize_delta, teacher_outputs
 
 
 def plan_parts(num_samples: int, rows_per_part: int) -> list[np.ndarray]:
@@ -26,11 +26,6 @@ def plan_parts(num_samples: int, rows_per_part: int) -> list[np.ndarray]:
 
 def part_generator(seed: int, part_id: int, view: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + part_id * 7_919 + view)
-
-
-@torch.no_grad()
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).float()
 
 
 def compute_part(teacher: nn.Module, ds: ArrayDataset, sample_indices: np.ndarray, *, views: int, data: DataConfig,
@@ -58,7 +53,7 @@ def compute_part(teacher: nn.Module, ds: ArrayDataset, sample_indices: np.ndarra
             out = teacher_outputs(teacher, to_float(x_u8).to(device), y.to(device), attack, with_adv=True, generator=gen)
             delta = quantize_delta(x_u8, out["x_teacher_adv"], attack.eps)
             x_adv = to_float((x_u8.to(torch.int16) + delta.to(torch.int16)).to(torch.uint8))
-            t_adv = _forward(teacher, x_adv.to(device))
+            t_adv = forward_logits(teacher, x_adv.to(device))
             chunks["x"].append(x_u8.permute(0, 2, 3, 1).numpy())
             chunks["delta"].append(delta.permute(0, 2, 3, 1).numpy())
             chunks["t_nat"].append(out["teacher_logits"].cpu().numpy().astype(np.float16))

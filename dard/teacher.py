@@ -15,7 +15,8 @@ from dard.config import AttackConfig
 
 
 @torch.no_grad()
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 logits (B, K) in eval mode, no grad."""
     with eval_mode(model):
         return model(x).float()
 
@@ -24,11 +25,11 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, attack
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """x: (B, C, H, W) in [0, 1]; y: (B,). Returns ``teacher_logits`` (B, K) and, if ``with_adv``,
     ``x_teacher_adv`` (B, C, H, W) in [0, 1] within eps of x and ``teacher_logits_adv`` (B, K)."""
-    out = {"teacher_logits": _forward(teacher, x)}
+    out = {"teacher_logits": forward_logits(teacher, x)}
     if with_adv:
         x_adv = dpgd_from_config(teacher, x, y, attack, generator=generator)
         out["x_teacher_adv"] = x_adv
-        out["teacher_logits_adv"] = _forward(teacher, x_adv)
+        out["teacher_logits_adv"] = forward_logits(teacher, x_adv)
     return out
 
 

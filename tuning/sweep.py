@@ -44,6 +44,7 @@ class SweepResult:
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: apply the point, train with DDP, log to an MLflow child run."""
     import ray.tune
+    from mlflow.entities import Param
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cluster.train import train_distributed
@@ -57,8 +58,7 @@ def _trial(config: dict[str, Any]) -> None:
     tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
                            "parent_run_id": ctx["parent_run_id"],
                            "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
-    tracker.client.log_batch(tracker.run_id, params=[
-        __import__("mlflow").entities.Param(f"trial.{k}", str(v)) for k, v in params.items()])
+    tracker.client.log_batch(tracker.run_id, params=[Param(f"trial.{k}", str(v)) for k, v in params.items()])
     try:
         result = train_distributed(
             cfg, ctx["shards"], workers=ctx["workers"], use_gpu=ctx["use_gpu"], name=f"train-{trial_id}",
