@@ -75,6 +75,9 @@ def test_sweep_tracks_registers_and_guards_the_champion(sweep_env, tmp_path, cap
                  "--attacks", "natural,pgd20", "--limit", "50", "--no-checks", "--no-progress",
                  "--out-dir", str(tmp_path / "eval")]) == 0
     assert "pgd20" in capsys.readouterr().out
+    assert main(["registry", "show", "dard-digits-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
+    shown = capsys.readouterr().out
+    assert "v1" in shown and "aliases=champion" in shown and "v2" in shown
 
 
 def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
