@@ -101,7 +101,7 @@ def precompute(cfg: Config, teacher_path: str | Path, out: str, *, views: int = 
     if max_parts is not None:
         pending = pending[:max_parts]
     log.info("precompute %s: %d parts, %d already finished, %d to compute", out, len(plan), len(skipped), len(pending))
-    teacher_bytes = Path(teacher_path).read_bytes()
+    teacher_bytes = Path(teacher_path).read_bytes() if pending else b""  # nothing to ship when all parts exist
     images, labels = ds.images.numpy(), ds.labels.numpy()
     computed: list[int] = []
     with progress_bar(len(pending), f"precompute {dataset}/{split} parts", enabled=cfg.run.progress) as bar:

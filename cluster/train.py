@@ -177,8 +177,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
 
     cfg.validate()
     open_shards(shards, cfg, teacher_path, check="full")  # fail on the driver, before any worker starts
-    ray = ensure_ray(address)
-    import ray.train
+    ensure_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -60,7 +60,7 @@ def _trial(config: dict[str, Any]) -> None:
                            "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
     tracker.client.log_batch(tracker.run_id, params=[Param(f"trial.{k}", str(v)) for k, v in params.items()])
     try:
-        result = train_distributed(
+        train_distributed(
             cfg, ctx["shards"], workers=ctx["workers"], use_gpu=ctx["use_gpu"], name=f"train-{trial_id}",
             storage_path=str(Path(ctx["storage"]) / "train"), max_failures=1,
             tracking={"uri": ctx["tracking_uri"], "run_id": tracker.run_id}, callbacks=[TuneReportCallback()],
@@ -181,14 +181,7 @@ def _close_stopped_children(uri: str, parent_run_id: str) -> None:
 
 
 def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | None:
-    from mlflow.tracking import MlflowClient
-    import mlflow
-
-    mlflow.set_tracking_uri(absolute_uri(uri))
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`dard.trial_id` = '{trial_id}'")
+    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get("dard.trial_id") == trial_id]
     return runs[0].info.run_id if runs else None
 
 
