@@ -1,15 +1,18 @@
 """DARD vs SAT / TRADES / ARD / RSLAD, plus DARD ablations, side by side over seeds.
 
-Every student has the same architecture, data, epochs, optimiser and teacher; all train from the
-same precomputed shards (the teacher's views and soft labels), so the only difference is the
-objective. Each is evaluated with the full protocol of DESIGN section 7 on the test split.
+Every student has the same architecture, data, epochs and teacher; all train from the same
+precomputed shards (the teacher's views and soft labels), so the only difference is the
+objective and, with ``--tuned``, each method's own best lr and knobs from an equal tuning budget
+(``benchmarks/tune_methods.py``). Each is evaluated with the full protocol (docs/design.md) on the
+test split, AutoAttack on all of it by default.
 
-    python benchmarks/methods.py                        # digits, 3 seeds (about an hour on 2 CPUs)
+    python benchmarks/methods.py --tuned benchmarks/results/tuned-digits.json   # digits, 3 seeds
     python benchmarks/methods.py --quick                # 1 seed, few epochs: a smoke run
     python benchmarks/methods.py --dataset cifar10 --data-dir ~/data --student resnet18 --teacher wrn.pt
 
 Writes ``benchmarks/results/methods-<dataset>.md`` (mean +- std, machine, date, command),
-``methods-<dataset>.json`` (every run) and ``methods-<dataset>-curves.png`` (training curves).
+``methods-<dataset>.json`` (every run), ``methods-<dataset>-curves.png`` (training curves) and
+``methods-<dataset>-frontier.png`` (natural vs AutoAttack accuracy of every run).
 """
 from __future__ import annotations
 
@@ -28,25 +31,33 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.precompute import precompute  # noqa: E402
-from dard.config import NUM_CLASSES, Config  # noqa: E402
+from dard.config import NUM_CLASSES, Config, teacher_config  # noqa: E402
 from dard.data import load_splits, to_float  # noqa: E402
 from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
 from dard.models import load_model  # noqa: E402
 from dard.training import fit, open_shards, shard_batches  # noqa: E402
 
-# name -> (method, overrides). Ablations change one knob of DARD's default each.
+# name -> (method, overrides, tuning preset whose best parameters --tuned applies first). Ablations
+# change one knob of DARD's default each.
 VARIANTS = {
-    "SAT": ("sat", {}),
-    "TRADES": ("trades", {}),
-    "ARD": ("ard", {}),
-    "RSLAD": ("rslad", {}),
-    "DARD": ("dard", {}),
-    "DARD, PGD instead of DPGD": ("dard", {"attack": {"dpgd_loss": "ce"}}),
-    "DARD, w_adv=0": ("dard", {"loss": {"w_adv": 0.0}}),
-    "DARD, w_rob=0": ("dard", {"loss": {"w_rob": 0.0}}),
-    "DARD, dice divergence": ("dard", {"loss": {"divergence": "dice"}}),
+    "SAT": ("sat", {}, "sat"),
+    "TRADES": ("trades", {}, "trades"),
+    "ARD": ("ard", {}, "ard"),
+    "RSLAD": ("rslad", {}, "rslad"),
+    "DARD": ("dard", {}, "dard-trades"),
+    "DARD w_adv=0 (no DPGD soft labels)": ("dard", {"loss": {"w_adv": 0.0}}, "dard-trades"),
+    "DARD w_nat=0": ("dard", {"loss": {"w_nat": 0.0}}, "dard-trades"),
+    "DARD PGD views instead of DPGD": ("dard", {"attack": {"dpgd_loss": "ce"}}, "dard-trades"),
+    "DARD target T(x_s) online": ("dard", {"loss": {"rob_target": "teacher_adv", "w_rob": 1.0, "w_ce": 0.0}},
+                                  "dard-trades"),
+    "DARD v0 (target T(x); 1/3 1/2 1/6)": ("dard", {"loss": {"rob_target": "teacher_nat", "w_adv": 1 / 3,
+                                                             "w_rob": 1 / 2, "w_nat": 1 / 6, "w_ce": 0.0}}, None),
 }
 REPORTED = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-=." else "_" for c in name)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -62,13 +73,14 @@ def main() -> int:
     p.add_argument("--data-dir")
     p.add_argument("--student", help="student arch (default: the dataset's, cnn_small on digits)")
     p.add_argument("--teacher", help="teacher model file (default: train a TRADES teacher here)")
-    p.add_argument("--teacher-arch", default=None, help="teacher arch when training one (digits: cnn_large)")
-    p.add_argument("--teacher-epochs", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--teacher-arch", default=None, help="teacher arch when training one (default: the dataset's)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: the dataset's teacher recipe")
+    p.add_argument("--tuned", help="tune_methods.py output: each method's best parameters are applied first")
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--views", type=int, default=4, help="augmented views per sample in the shards")
     p.add_argument("--variants", help="comma list of variant names (default: all)")
-    p.add_argument("--aa-limit", type=int, default=200, help="AutoAttack on the first N test samples")
+    p.add_argument("--aa-limit", type=int, default=None, help="AutoAttack on the first N test samples (default: all)")
     p.add_argument("--work", default=str(REPO / "runs" / "bench-methods"), help="models, shards, logs")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, 2-epoch teacher: smoke run")
@@ -90,11 +102,11 @@ def main() -> int:
     if teacher is None:
         teacher = str(work / "teacher" / "model.pt")
         if not Path(teacher).exists():
-            tcfg = Config.for_dataset(args.dataset, data={"data_dir": args.data_dir},
-                                      model={"arch": args.teacher_arch or ("cnn_large" if args.dataset == "digits" else "wrn34_10")},
-                                      loss={"method": "trades"}, optim={"epochs": args.teacher_epochs},
-                                      run={"out_dir": str(work / "teacher"), "progress": False})
-            logging.info("training the TRADES teacher (%d epochs)", args.teacher_epochs)
+            tcfg = teacher_config(args.dataset, data={"data_dir": args.data_dir},
+                                  run={"out_dir": str(work / "teacher"), "progress": False})
+            tcfg.model.arch = args.teacher_arch or tcfg.model.arch
+            tcfg.optim.epochs = args.teacher_epochs or tcfg.optim.epochs
+            logging.info("training the teacher (%s %s, %d epochs)", tcfg.loss.method, tcfg.model.arch, tcfg.optim.epochs)
             fit(tcfg, resume=True)
 
     shard_sets: dict[str, str] = {}
@@ -108,6 +120,7 @@ def main() -> int:
             shard_sets[key] = directory
         return shard_sets[key]
 
+    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else None
     splits = load_splits(base.data)
     x_test, y_test = to_float(splits.test.images), splits.test.labels
     runs = []
@@ -118,14 +131,19 @@ def main() -> int:
             if (name, seed) in done:
                 runs.append(done[(name, seed)])
                 continue
-            method, over = VARIANTS[name]
-            raw = merge(base.to_dict(), merge(over, {"loss": {"method": method}, "run": {
-                "seed": seed, "out_dir": str(work / f"{name.replace(' ', '_').replace(',', '')}-s{seed}")}}))
+            method, over, preset = VARIANTS[name]
+            start = base
+            if tuned and preset is not None:
+                from tuning.space import apply
+
+                start = apply(base, tuned["presets"][preset]["best_params"])
+            raw = merge(start.to_dict(), merge(over, {"loss": {"method": method}, "run": {
+                "seed": seed, "out_dir": str(work / f"{slug(name)}-s{seed}")}}))
             cfg = Config.for_dataset(args.dataset, **raw)
             reader = open_shards(shards_for(cfg), cfg, check="fast")
             source, steps = shard_batches(reader, cfg)
             t0 = time.time()
-            result = fit(cfg, batch_source=source, batches_per_epoch=steps)
+            result = fit(cfg, batch_source=source, batches_per_epoch=steps, teacher_path=teacher)
             train_s = time.time() - t0
             model, _ = load_model(result["model_path"])
             settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, seed=seed,
@@ -134,8 +152,9 @@ def main() -> int:
             report = evaluate_model(model, x_test, y_test, settings, progress=False)
             history = [json.loads(l) for l in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]
             run = {"variant": name, "seed": seed, "accuracy": report.accuracy, "train_seconds": train_s,
+                   "loss": cfg.to_dict()["loss"], "optim": {"lr": cfg.optim.lr},
                    "checks": [c.__dict__ for c in report.checks],
-                   "curve": [(h["epoch"], h.get("val_natural_acc"), h.get("val_pgd_acc")) for h in history]}
+                   "curve": [(h["epoch"], h.get("val_natural_acc"), h.get("val_robust_acc")) for h in history]}
             runs.append(run)
             done[(name, seed)] = run
             results_path.write_text(json.dumps(list(done.values()), indent=1))
@@ -162,7 +181,9 @@ def write_results(runs: list[dict], names: list[str], args, out: Path, seconds: 
              f"- student {base.model.arch}, {args.epochs} epochs, batch {base.optim.batch_size}, lr {base.optim.lr} "
              f"({base.optim.lr_schedule}); eps {base.attack.eps:.4g}, step {base.attack.step_size:.4g}, "
              f"{base.attack.steps} training attack steps; shards with {args.views} views; "
-             f"AutoAttack on the first {args.aa_limit} test samples, the rest on all", "",
+             f"AutoAttack on {'the first ' + str(args.aa_limit) if args.aa_limit else 'all'} test samples, "
+             f"the rest on all; " + (f"each method's lr and knobs from `{args.tuned}`" if args.tuned else
+                                     "every method at the dataset's default recipe"), "",
              "| method | " + " | ".join(REPORTED) + " |", "|---|" + "---|" * len(REPORTED)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(fmt(table[name][a]) for a in REPORTED) + " |")
@@ -172,6 +193,7 @@ def write_results(runs: list[dict], names: list[str], args, out: Path, seconds: 
     (out / f"methods-{args.dataset}.md").write_text("\n".join(lines) + "\n")
     (out / f"methods-{args.dataset}.json").write_text(json.dumps(runs, indent=1))
     plot_curves(runs, names, out / f"methods-{args.dataset}-curves.png")
+    plot_frontier(runs, names, out / f"methods-{args.dataset}-frontier.png")
     print("\n".join(lines))
 
 
@@ -190,11 +212,33 @@ def plot_curves(runs: list[dict], names: list[str], path: Path) -> None:
         axes[0].plot([c[0] + 1 for c in curve], [100 * (c[1] or 0) for c in curve], label=name)
         axes[1].plot([c[0] + 1 for c in curve], [100 * (c[2] or 0) for c in curve], label=name)
     axes[0].set_title("validation natural accuracy (seed 0)")
-    axes[1].set_title("validation PGD-10 accuracy (seed 0)")
+    axes[1].set_title("validation robust (PGD-10 + CW-10) accuracy (seed 0)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_frontier(runs: list[dict], names: list[str], path: Path) -> None:
+    """Natural vs AutoAttack accuracy, one point per run (variant x seed): the frontier, not one number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
+    for name in names:
+        rows = [r for r in runs if r["variant"] == name and "autoattack" in r["accuracy"]]
+        ax.scatter([100 * r["accuracy"]["natural"] for r in rows], [100 * r["accuracy"]["autoattack"] for r in rows],
+                   label=name, s=22)
+    ax.set_xlabel("test natural accuracy %")
+    ax.set_ylabel("test AutoAttack accuracy %")
+    ax.set_title("every run (method x seed)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

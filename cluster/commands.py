@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
@@ -30,18 +32,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     tracking = None
     logger = None
     if not args.no_tracking:
-        from dard.tracking import EpochLogger, check_tracking_uri, default_tracking_uri
+        from cluster.train import run_storage
+        from dard.tracking import EpochLogger, check_tracking_uri, default_tracking_uri, resumable_run
 
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-        logger = EpochLogger({"uri": uri, "experiment": args.experiment, "run_name": args.name}, cfg)
+        # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or
+        # Ctrl-C) continues the run it started instead of opening a second one.
+        marker = Path(run_storage(cfg, args.storage_path)) / args.name / "mlflow_run.json"
+        previous = resumable_run(uri, marker)
+        logger = EpochLogger({"uri": uri, "experiment": args.experiment, "run_name": args.name,
+                              "run_id": previous}, cfg)
+        if "://" not in str(marker):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": uri}))
         tracking = {"uri": uri, "run_id": logger.run_id}
     try:
         result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
                                    out=args.out, teacher_path=args.teacher, tracking=tracking)
-    except BaseException:
+    except BaseException as err:
         if logger is not None:
-            logger.close("FAILED")
+            logger.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     if logger is not None:
         logger.client.log_artifact(logger.run_id, result.model_path, artifact_path="model_file")

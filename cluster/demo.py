@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dard.config import NUM_CLASSES, Config
+from dard.config import NUM_CLASSES, Config, teacher_config
 from dard.data import load_splits, to_float
 from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
 from dard.models import load_model
 from dard.shards import ShardError, verify
-from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote
+from dard.tracking import METRIC, EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote
 
 log = logging.getLogger("dard")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("dard")
 @dataclass
 class DemoSettings:
     out: str = "runs/demo"
-    teacher_epochs: int = 30
+    teacher_epochs: int | None = None  # None: the dataset's teacher recipe (dard.config.TEACHER_DEFAULTS)
     student_epochs: int = 30
     workers: int = 2
     views: int = 2
@@ -73,9 +73,10 @@ def run_demo(s: DemoSettings) -> dict:
     data = {"limit_train": s.limit_train}
     summary: dict = {"out": str(out), "tracking_uri": uri}
 
-    t = _stage(1, f"robust teacher: TRADES cnn_large on digits, {s.teacher_epochs} epochs")
-    teacher_cfg = Config.for_dataset("digits", model={"arch": "cnn_large"}, loss={"method": "trades"}, data=data,
-                                     optim={"epochs": s.teacher_epochs}, run={"out_dir": str(out / "teacher")})
+    teacher_cfg = teacher_config("digits", data=data, run={"out_dir": str(out / "teacher")})
+    teacher_cfg.optim.epochs = s.teacher_epochs or teacher_cfg.optim.epochs
+    t = _stage(1, f"robust teacher: {teacher_cfg.loss.method.upper()} {teacher_cfg.model.arch} on digits, "
+                  f"{teacher_cfg.optim.epochs} epochs")
     teacher_path = out / "teacher" / "model.pt"
     if teacher_path.exists():
         _done(t, f"reused {teacher_path}")
@@ -133,11 +134,10 @@ def run_demo(s: DemoSettings) -> dict:
         path, cfg, logger = students[method]
         report, paths = reports[label]
         log_report_artifacts(logger.run_id, paths, uri, metrics=report.accuracy)
-        model, _ = load_model(path)
-        log_model(logger.run_id, model, x[:2], tracking_uri=uri)
+        log_model(logger.run_id, path, x[:2], tracking_uri=uri)
         logger.close()
     dard_metrics = json.loads(Path(out / "dard" / "final_metrics.json").read_text())
-    promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics["val_pgd_acc"]), students["dard"][1])
+    promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics[METRIC]), students["dard"][1])
     _done(t, f"{promotion.name} v{promotion.version} " + ("is the champion" if promotion.moved else
                                                           f"registered; champion stays v{promotion.previous_champion}"))
 

@@ -16,6 +16,7 @@ the group and the loop resumes from ``get_checkpoint()``; re-running the driver 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,12 +28,13 @@ from typing import Any
 
 import torch
 
-from dard.checkpoint import checkpoint_state, load_checkpoint, restore
+from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
 from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
 from dard.data import load_splits
 from dard.engine import train_epoch
 from dard.models import arch_kwargs, build_for, save_model
-from dard.training import make_optimizer, make_scheduler, open_shards, seed_everything, shard_batches, validate
+from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, seed_everything,
+                           shard_batches, validate)
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -71,6 +73,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if steps == 0:
         raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")
     val = load_splits(cfg.data).val if rank == 0 else None
+    shard_teacher = reader.manifest["teacher"]
+    online_teacher = online_teacher_for(cfg, config.get("teacher_path") or shard_teacher.get("path"), device,
+                                        expected_sha256=shard_teacher.get("sha256"))
+    if online_teacher is not None:
+        plain_source = source
+        source = lambda e: (dataclasses.replace(b, online_teacher=online_teacher) for b in plain_source(e))  # noqa: E731
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -107,9 +115,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save(checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
+                save_checkpoint(Path(d) / CHECKPOINT_FILE, checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
                                             {"shards": reader.manifest.get("fingerprint"),
-                                             "teacher": reader.manifest["teacher"]}), Path(d) / CHECKPOINT_FILE)
+                                             "teacher": reader.manifest["teacher"]}))
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
                 print(f"[dard] epoch {epoch + 1}/{cfg.optim.epochs}: " + ", ".join(
@@ -151,6 +159,13 @@ def _rank0_tracker(tracking: dict | None, cfg: Config, rank: int):
     return EpochLogger(tracking, cfg)
 
 
+def run_storage(cfg: Config, storage_path: str | None = None) -> str:
+    """Where Ray Train keeps a run's checkpoints: ``storage_path`` (a local dir or URI) or
+    ``<run.out_dir>/ray``; the run itself is ``<storage>/<name>``."""
+    storage = storage_path or str(Path(cfg.run.out_dir).absolute() / "ray")
+    return storage if "://" in storage else str(Path(storage).absolute())
+
+
 @dataclass
 class DistributedResult:
     metrics: dict[str, Any]
@@ -181,19 +196,22 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.loopback import LoopbackTorchConfig, cluster_is_local
+
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
     resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else (4 if use_gpu else 0.5)}
     if use_gpu:
         resources["GPU"] = 1
-    storage = storage_path or str(Path(cfg.run.out_dir).absolute() / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).absolute())
+    storage = run_storage(cfg, storage_path)
     shards_abs = shards if "://" in str(shards) else str(Path(shards).absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking, **(test_hooks or {})},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking,
+                           "teacher_path": str(Path(teacher_path).absolute()) if teacher_path else None,
+                           **(test_hooks or {})},
+        # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
+        torch_config=(LoopbackTorchConfig if cluster_is_local() else TorchConfig)(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
@@ -205,7 +223,9 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     started = time.time()
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"distributed training failed: {result.error}") from result.error
+        from dard.cli import one_line
+
+        raise RuntimeError(f"distributed training failed: {one_line(result.error)}") from result.error
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path

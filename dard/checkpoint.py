@@ -38,7 +38,11 @@ def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomic write; refuses a state whose model weights hold NaN/Inf (the previous checkpoint stays)."""
+    from dard.models.io import check_finite
+
     path = Path(path)
+    check_finite(state["model"], f"checkpoint {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
@@ -59,6 +63,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in state:
             raise CheckpointError(f"{path}: not a dard checkpoint (no {key!r})")
     return state
+
+
+# Fields a resumed run may change: where it runs and what it prints, not what it computes.
+RESUMABLE_CHANGES = {("run", "progress"), ("run", "device"), ("run", "out_dir"), ("data", "data_dir")}
+
+
+def check_resumable(state: dict[str, Any], config: dict, path: str | Path) -> None:
+    """Refuse to resume a checkpoint written by another run config (method, epochs, lr, ...):
+    the history and schedule would silently mix two runs. Names the first differing fields."""
+    saved = state.get("config") or {}
+    diffs = [f"{section}.{key}: {saved[section].get(key)!r} in the checkpoint, {value!r} now"
+             for section, values in config.items() if isinstance(values, dict) and section in saved
+             for key, value in values.items()
+             if (section, key) not in RESUMABLE_CHANGES and saved[section].get(key) != value]
+    if diffs:
+        raise CheckpointError(f"{path}: --resume with a different config ({'; '.join(diffs[:3])}). Resume with the "
+                              "same settings, or use another --out / delete the checkpoint to start anew.")
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True) -> int:

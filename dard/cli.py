@@ -308,16 +308,75 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so ``finally`` blocks run (runs closed, nothing half-written)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def _expected(err: BaseException) -> bool:
+    """Errors about the user's input or environment (one line) rather than a bug (traceback)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    return isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError, ImportError)) or bool(
+        names & {"MlflowException", "RayError", "RayTaskError", "TrainingFailedError", "TuneError"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Expected failures print one line ``dard CMD: error: ...`` and exit 2
+    (the traceback with --verbose); Ctrl-C exits 130 and SIGTERM 143, after cleaning up."""
+    import signal
+
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # MLflow's INFO lines (table creation, migrations) are not the user's business
+        import os
+
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+        logging.getLogger("mlflow").setLevel(logging.ERROR)  # if it was imported already
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # Expected failures (bad config, missing data, wrong checkpoint, NaN loss): one clear line.
-        print(f"dard {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        detail = str(err) or ("finished epochs and parts are kept (run it again with --resume where the command "
+                              "has it)")
+        print(f"dard {args.command}: {'terminated' if terminated else 'interrupted'}: {detail}", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as err:  # noqa: BLE001 -- the one top-level handler
+        if not _expected(err) or args.verbose:
+            raise
+        print(f"dard {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(err: BaseException) -> str:
+    """One line for an error. Ray wraps a worker's error (WorkerGroupError, RayTaskError), whose
+    text is a remote traceback: use the worker's own error instead."""
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
+    if failures:
+        return one_line(next(iter(failures.values())))
+    names = {c.__name__ for c in type(err).__mro__}
+    cause = getattr(err, "cause", None) or err.__cause__
+    if names & {"RayTaskError", "RayActorError", "TrainingFailedError", "WorkerGroupError"} and cause is not None:
+        return one_line(cause)
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if len(lines) > 1 and lines[0].startswith("Traceback"):  # a remote traceback: "ExcType: message" is last
+        return lines[-1]
+    return lines[0]
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ METHODS = TEACHER_METHODS + DISTILL_METHODS
 DIVERGENCES = ("kl", "dice")
 DPGD_LOSSES = ("dice", "ce", "dice+ce", "cw")
 STEP_SCHEDULES = ("constant", "cosine", "apgd")
-LR_SCHEDULES = ("multistep", "cosine", "constant")
+LR_SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+ROB_TARGETS = ("teacher_nat", "self", "teacher_adv")
 
 
 class ConfigError(ValueError):
@@ -78,8 +79,13 @@ class AttackConfig:
 class LossConfig:
     """Training objective and its weights (DESIGN section 3).
 
-    DARD: ``w_adv*D_tau(T(x_d)||S(x_d)) + w_rob*D_tau(T(x)||S(x_s)) + w_nat*D_tau(T(x)||S(x))
-    + w_ce*CE(S(x), y)``. ``trades_beta`` is TRADES' beta; ``ard_alpha`` ARD's alpha.
+    DARD: ``w_adv*D_tau(T(x_d)||S(x_d)) + w_rob*R(x_s) + w_nat*D_tau(T(x)||S(x)) + w_ce*CE(S(x), y)
+    + w_ce_adv*CE(S(x_s), y)``, where ``rob_target`` picks the online robustness term R:
+    ``teacher_nat`` D_tau(T(x)||S(x_s)), x_s = DPGD towards softmax(T(x)) (RSLAD-style);
+    ``self`` trades_beta*KL(S(x)||S(x_s)), x_s = TRADES' KL attack (the student's own natural
+    prediction as target, no teacher at x_s); ``teacher_adv`` D_tau(T(x_s)||S(x_s)), the teacher
+    queried online at the student's DPGD example (AdaAD/IAD-style; one teacher forward a step).
+    ``trades_beta`` is TRADES' beta; ``ard_alpha`` ARD's alpha.
     """
 
     method: str = "dard"
@@ -88,6 +94,8 @@ class LossConfig:
     w_rob: float = 1 / 2
     w_nat: float = 1 / 6
     w_ce: float = 0.0
+    w_ce_adv: float = 0.0  # hard-label CE on the student's own adversarial example x_s
+    rob_target: str = "teacher_nat"  # teacher_nat | self | teacher_adv
     divergence: str = "kl"
     trades_beta: float = 6.0
     ard_alpha: float = 1.0
@@ -169,6 +177,23 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar100": {},
 }
 
+# The robust teacher each dataset distils from when none is given (the demo's and the benchmarks'):
+# chosen by benchmarks/teacher.py, results in benchmarks/results/teacher-<dataset>.md.
+TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "trades"},
+               "optim": {"epochs": 40, "lr": 0.1, "lr_schedule": "onecycle"}},
+    "cifar10": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
+    "cifar100": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
+}
+
+
+def teacher_config(dataset: str, **sections: dict[str, Any]) -> Config:
+    """The dataset's default teacher recipe (``TEACHER_DEFAULTS``) with ``sections`` applied on top."""
+    if dataset not in TEACHER_DEFAULTS:
+        raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    return Config.for_dataset(dataset, **_deep_merge(TEACHER_DEFAULTS[dataset], sections))
+
+
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
@@ -181,10 +206,19 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{name}: {msg}")
 
+    for section in fields(cfg):
+        for f in fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                need(not isinstance(v, float) or math.isfinite(v), f"{section.name}.{f.name}",
+                     f"must be a finite number, got {value}")
     d, m, a, l, o, r = cfg.data, cfg.model, cfg.attack, cfg.loss, cfg.optim, cfg.run
     need(d.dataset in DATASETS, "data.dataset", f"unknown dataset {d.dataset!r}; choose from {', '.join(DATASETS)}")
-    need(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    need(0 < d.val_fraction < 1, "data.val_fraction",
+         f"must be in (0, 1), got {d.val_fraction}: validation is what selection and the registry use")
     need(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    need(d.val_fraction + d.test_fraction < 0.9, "data.val_fraction",
+         f"val_fraction {d.val_fraction} + test_fraction {d.test_fraction} leave under 10 % of the data to train on")
     need(d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}")
     need(d.limit_train is None or d.limit_train > 0, "data.limit_train", "must be positive or null")
     need(m.arch in available(), "model.arch", f"unknown architecture {m.arch!r}; choose from {', '.join(available())}")
@@ -202,23 +236,25 @@ def validate(cfg: Config) -> None:
     need(l.method in METHODS, "loss.method", f"unknown method {l.method!r}; choose from {', '.join(METHODS)}")
     need(_finite(l.temperature) and l.temperature > 0, "loss.temperature", f"must be > 0, got {l.temperature}")
     need(_finite(l.ard_temperature) and l.ard_temperature > 0, "loss.ard_temperature", f"must be > 0, got {l.ard_temperature}")
-    for name in ("w_adv", "w_rob", "w_nat", "w_ce", "trades_beta", "ard_alpha"):
+    for name in ("w_adv", "w_rob", "w_nat", "w_ce", "w_ce_adv", "trades_beta", "ard_alpha"):
         value = getattr(l, name)
         need(_finite(value) and value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
     need(l.ard_alpha <= 1, "loss.ard_alpha", f"must be in [0, 1], got {l.ard_alpha}")
     if l.method == "dard":
-        need(l.w_adv + l.w_rob + l.w_nat + l.w_ce > 0, "loss.w_adv", "all DARD weights are 0: nothing to train")
+        need(l.w_adv + l.w_rob + l.w_nat + l.w_ce + l.w_ce_adv > 0, "loss.w_adv", "all DARD weights are 0: nothing to train")
+    need(l.rob_target in ROB_TARGETS, "loss.rob_target", f"unknown {l.rob_target!r}; choose from {', '.join(ROB_TARGETS)}")
     need(l.divergence in DIVERGENCES, "loss.divergence", f"unknown {l.divergence!r}; choose from {', '.join(DIVERGENCES)}")
     need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     need(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
     need(_finite(o.lr) and o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"unknown {o.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     need(all(0 < f < 1 for f in o.milestones), "optim.milestones", f"fractions of training must be in (0, 1), got {list(o.milestones)}")
     need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda") or r.device == "mps",
          "run.device", f"must be auto, cpu, cuda or cuda:N, got {r.device!r}")
     need(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
+    need(r.eval_limit is None or r.eval_limit >= 1, "run.eval_limit", f"must be >= 1 or null (all), got {r.eval_limit}")
     need(r.eval_pgd_steps >= 1, "run.eval_pgd_steps", f"must be >= 1, got {r.eval_pgd_steps}")
 
 
@@ -244,7 +280,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
     sections = {f.name: f for f in fields(Config)}
-    unknown = set(raw) - set(sections)
+    unknown = {str(k) for k in raw} - set(sections)
     if unknown:
         raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
     built = {}
@@ -255,7 +291,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{name}: expected a mapping, got {values!r}")
         known = {x.name: x for x in fields(cls)}
-        extra = set(values) - set(known)
+        extra = {str(k) for k in values} - set(known)
         if extra:
             raise ConfigError(f"{name}.{sorted(extra)[0]}: unknown key; known: {sorted(known)}")
         types = get_type_hints(cls)
@@ -301,7 +337,10 @@ def load_yaml(path: str | Path) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...) at the top level")
+    bad = [k for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, (dict, type(None)))]
+    if bad:
+        raise ConfigError(f"{path}: section {bad[0]!r} must be a name with a mapping of key: value under it")
     dataset = (raw.get("data") or {}).get("dataset", "digits")
     raw = {k: v for k, v in raw.items()}
     return Config.for_dataset(dataset, **raw)

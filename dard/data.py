@@ -65,6 +65,10 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
     if cfg.limit_train is not None:
         splits.train = splits.train.head(cfg.limit_train)
+    empty = [name for name in ("train", "val", "test") if len(getattr(splits, name)) == 0]
+    if empty:
+        raise ValueError(f"data: the {'/'.join(empty)} split is empty (val_fraction {cfg.val_fraction}, "
+                         f"test_fraction {cfg.test_fraction}); every split needs samples")
     return splits
 
 

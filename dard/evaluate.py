@@ -13,7 +13,9 @@ a failed check is printed and stored in the JSON, never dropped:
 - ``iterative_beats_fgsm``: PGD-20 and BIM-10 are no weaker than FGSM;
 - ``blackbox_not_stronger``: the gradient-free Square attack is no stronger than the best
   white-box attack (a stronger Square means gradients are masked);
-- ``large_eps_breaks``: at eps = 0.5 PGD drives accuracy to ~0 (<= 5 %).
+- ``large_eps_breaks``: at eps = 0.5 PGD drives accuracy to ~0 (<= 5 %);
+- ``predictions_vary``: the model predicts more than one class (a collapsed, constant model
+  passes most other checks while every accuracy is meaningless).
 """
 from __future__ import annotations
 
@@ -119,6 +121,10 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings:
     unknown = set(settings.attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    for name in ("limit", "autoattack_limit"):
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name.replace('autoattack_limit', 'aa-limit')}: must be >= 1 (samples), got {value}")
     if settings.limit is not None:
         x, y = x[:settings.limit], y[:settings.limit]
     model.eval()
@@ -219,6 +225,13 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSet
     big = correct_under(model, x, y, _pgd_at(LARGE_EPS, 20, s.seed), s.batch_size).float().mean().item()
     checks.append(Check("large_eps_breaks", big <= 0.05,
                         f"PGD-20 at eps={LARGE_EPS} leaves {100 * big:.2f}% (expected ~0)"))
+    from dard.engine import predict
+
+    classes = predict(model, x.to(next(model.parameters()).device), s.batch_size).unique().numel()
+    varied = classes > 1 or y.unique().numel() <= 1
+    checks.append(Check("predictions_vary", varied,
+                        f"natural predictions span {classes} classes" + ("" if varied else
+                        " (a constant classifier: its accuracy under attack means nothing)")))
     return checks
 
 

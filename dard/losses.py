@@ -21,6 +21,7 @@ from torch import nn
 from dard.attacks.dpgd import dice_loss, dpgd_from_config
 from dard.attacks.pgd import pgd, trades_pgd
 from dard.config import AttackConfig, LossConfig
+from dard.teacher import forward_logits
 
 
 @dataclass
@@ -29,7 +30,8 @@ class TrainBatch:
 
     Teacher fields (distillation only; logits (B, K) float):
     teacher_logits = T(x); x_teacher_adv = x_d, a DPGD example against the teacher (same range
-    and shape as x); teacher_logits_adv = T(x_d).
+    and shape as x); teacher_logits_adv = T(x_d); online_teacher = T itself (frozen, on the batch's
+    device), only for ``rob_target='teacher_adv'``.
     """
 
     x: torch.Tensor
@@ -37,11 +39,12 @@ class TrainBatch:
     teacher_logits: torch.Tensor | None = None
     x_teacher_adv: torch.Tensor | None = None
     teacher_logits_adv: torch.Tensor | None = None
+    online_teacher: nn.Module | None = None  # the teacher model, for losses that query it at new points
 
     def to(self, device: torch.device) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TrainBatch(move(self.x), move(self.y), move(self.teacher_logits), move(self.x_teacher_adv),
-                          move(self.teacher_logits_adv))
+                          move(self.teacher_logits_adv), self.online_teacher)
 
 
 @dataclass
@@ -155,39 +158,66 @@ def rslad(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attack
 
 
 def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
-    """DARD (DESIGN section 3), with D_tau = tau^2 * D(softmax(./tau)) and D in {kl, dice}::
+    """DARD (docs/design.md), with D_tau = tau^2 * D(softmax(./tau)) and D in {kl, dice}::
 
-        L = w_adv * D_tau(T(x_d) || S(x_d))   x_d: DPGD vs the teacher (precomputable)
-          + w_rob * D_tau(T(x)   || S(x_s))   x_s: DPGD vs the student, target softmax(T(x)), online
-          + w_nat * D_tau(T(x)   || S(x))
-          + w_ce  * CE(S(x), y)
+        L = w_adv    * D_tau(T(x_d) || S(x_d))   x_d: DPGD vs the teacher (precomputable)
+          + w_rob    * R(x_s)                    x_s: the student's own adversarial example, online
+          + w_nat    * D_tau(T(x)   || S(x))
+          + w_ce     * CE(S(x), y)
+          + w_ce_adv * CE(S(x_s), y)
 
+    ``cfg.rob_target`` chooses R and how x_s is found:
+    ``teacher_nat`` R = D_tau(T(x) || S(x_s)), x_s = DPGD towards softmax(T(x));
+    ``self``        R = trades_beta * KL(S(x) || S(x_s)), x_s = TRADES' KL attack from S(x)
+                    (with w_ce = 1, w_rob = 1 and no teacher term this *is* TRADES);
+    ``teacher_adv`` R = D_tau(T(x_s) || S(x_s)), x_s as for teacher_nat, T(x_s) from
+                    ``batch.online_teacher`` (one teacher forward a step).
     The paper's public text fixes only "dual supervision from natural and adversarial soft
-    labels" with DPGD examples; the form and the defaults (w_adv, w_rob, w_nat) = (1/3, 1/2, 1/6),
-    tau = 1, kl are ours and are ablated in ``benchmarks/methods.py``. A zero weight skips its
-    term and, for w_rob, the online attack.
+    labels" with DPGD examples; the form and defaults are ours (``benchmarks/results/``). A zero
+    weight skips its term; with w_rob = w_ce_adv = 0 no online attack runs.
     """
     _require_teacher(batch, "dard", "teacher_logits")
     tau, kind = cfg.temperature, cfg.divergence
     loss = torch.zeros((), device=batch.x.device)
     terms: dict[str, float] = {}
+
+    def add(name: str, term: torch.Tensor) -> None:
+        nonlocal loss
+        loss = loss + term
+        terms[name] = term.item()
+
     if cfg.w_adv > 0:
         _require_teacher(batch, "dard", "x_teacher_adv", "teacher_logits_adv")
-        term = cfg.w_adv * divergence(student(batch.x_teacher_adv), batch.teacher_logits_adv, tau, kind)
-        loss, terms["kd_adv"] = loss + term, term.item()
-    if cfg.w_rob > 0:
-        teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-        x_student_adv = dpgd_from_config(_bare(student), batch.x, teacher_probs, attack)
-        term = cfg.w_rob * divergence(student(x_student_adv), batch.teacher_logits, tau, kind)
-        loss, terms["kd_rob"] = loss + term, term.item()
-    if cfg.w_nat > 0 or cfg.w_ce > 0:
-        logits_nat = student(batch.x)
-        if cfg.w_nat > 0:
-            term = cfg.w_nat * divergence(logits_nat, batch.teacher_logits, tau, kind)
-            loss, terms["kd_nat"] = loss + term, term.item()
-        if cfg.w_ce > 0:
-            term = cfg.w_ce * F.cross_entropy(logits_nat, batch.y)
-            loss, terms["ce"] = loss + term, term.item()
+        add("kd_adv", cfg.w_adv * divergence(student(batch.x_teacher_adv), batch.teacher_logits_adv, tau, kind))
+    needs_nat = cfg.w_nat > 0 or cfg.w_ce > 0 or (cfg.w_rob > 0 and cfg.rob_target == "self")
+    logits_nat = student(batch.x) if needs_nat else None
+    if cfg.w_rob > 0 or cfg.w_ce_adv > 0:
+        if cfg.rob_target == "self":
+            x_student_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size,
+                                       steps=attack.steps)
+        else:
+            teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
+            x_student_adv = dpgd_from_config(_bare(student), batch.x, teacher_probs, attack)
+        logits_adv = student(x_student_adv)
+        if cfg.w_rob > 0:
+            if cfg.rob_target == "self":
+                # As upstream TRADES, S(x) is not detached: the natural side is pulled too.
+                rob = cfg.trades_beta * F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1),
+                                                 reduction="batchmean")
+            elif cfg.rob_target == "teacher_adv":
+                if batch.online_teacher is None:
+                    raise ValueError("loss.rob_target='teacher_adv' queries the teacher at x_s: the run needs the "
+                                     "teacher model (--teacher, or shards whose manifest names a readable teacher)")
+                rob = divergence(logits_adv, forward_logits(batch.online_teacher, x_student_adv), tau, kind)
+            else:
+                rob = divergence(logits_adv, batch.teacher_logits, tau, kind)
+            add("kd_rob", cfg.w_rob * rob)
+        if cfg.w_ce_adv > 0:
+            add("ce_adv", cfg.w_ce_adv * F.cross_entropy(logits_adv, batch.y))
+    if cfg.w_nat > 0:
+        add("kd_nat", cfg.w_nat * divergence(logits_nat, batch.teacher_logits, tau, kind))
+    if cfg.w_ce > 0:
+        add("ce", cfg.w_ce * F.cross_entropy(logits_nat, batch.y))
     return LossResult(loss, terms)
 
 
@@ -201,6 +231,11 @@ NEEDS_TEACHER = {"ard", "rslad", "dard"}
 
 def needs_teacher_adv(cfg: LossConfig) -> bool:
     return cfg.method == "dard" and cfg.w_adv > 0
+
+
+def needs_online_teacher(cfg: LossConfig) -> bool:
+    """The teacher model itself is queried during training (not only its precomputed outputs)."""
+    return cfg.method == "dard" and cfg.w_rob > 0 and cfg.rob_target == "teacher_adv"
 
 
 def get_loss(method: str):

@@ -138,9 +138,16 @@ def read_manifest(directory: str) -> dict[str, Any]:
             manifest = json.loads(f.read().decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: corrupt manifest ({err}); delete it and re-run `dard precompute --out {directory}`") from err
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: corrupt manifest (not a JSON object); re-run `dard precompute --out {directory}`")
     for key in ("format_version", "dataset", "split", "teacher", "views", "num_classes", "image_shape", "parts"):
         if key not in manifest:
             raise ShardError(f"{path}: manifest lacks {key!r}; rebuild with `dard precompute --out {directory}`")
+    parts = manifest["parts"]
+    entry_keys = ("file", "rows", "bytes", "sha256")
+    if not isinstance(parts, list) or not all(isinstance(e, dict) and all(k in e for k in entry_keys) for e in parts):
+        raise ShardError(f"{path}: malformed 'parts' (each entry needs {', '.join(entry_keys)}); rebuild with "
+                         f"`dard precompute --out {directory}`")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ShardError(f"{path}: format version {manifest['format_version']}, this dard reads {FORMAT_VERSION}; "
                          "rebuild the shards with this version's `dard precompute`")
@@ -290,8 +297,15 @@ class ShardReader:
             yield self.take(rows[s * batch_size:(s + 1) * batch_size])
 
     def check_compatible(self, *, dataset: str, num_classes: int, eps: float | None = None,
-                         teacher_sha256: str | None = None) -> None:
-        """Refuse shards that do not fit the run, naming the mismatch."""
+                         teacher_sha256: str | None = None, data: dict | None = None,
+                         attack: dict | None = None) -> None:
+        """Refuse shards that do not fit the run, naming each mismatch.
+
+        ``data``/``attack``: the run's config sections (``to_dict(cfg)``). Every field the rows
+        depend on is compared (``PINNED_DATA``, ``PINNED_ATTACK``): the split (a different
+        ``split_seed`` or fraction would put the run's validation or test samples into training),
+        the augmentation, and the attack that made the teacher's DPGD views.
+        """
         m = self.manifest
         problems = []
         if m["dataset"] != dataset:
@@ -300,6 +314,12 @@ class ShardReader:
             problems.append(f"num_classes {m['num_classes']} (run: {num_classes})")
         if eps is not None and abs(float(m["attack"]["eps"]) - eps) > 1e-9:
             problems.append(f"attack eps {m['attack']['eps']:.6g} (run: {eps:.6g})")
+        for section, keys, run in (("data", PINNED_DATA, data), ("attack", PINNED_ATTACK, attack)):
+            for key in keys if run is not None else ():
+                built, wanted = _plain(m.get(section, {}).get(key)), _plain(run.get(key))
+                if built != wanted and not (isinstance(built, float) and isinstance(wanted, float)
+                                            and abs(built - wanted) <= 1e-9):
+                    problems.append(f"{section}.{key} {built!r} (run: {wanted!r})")
         if teacher_sha256 is not None and m["teacher"].get("sha256") != teacher_sha256:
             problems.append(f"teacher sha256 {str(m['teacher'].get('sha256'))[:12]}... (given teacher: {teacher_sha256[:12]}...)")
         if problems:
@@ -319,6 +339,24 @@ class ShardReader:
 # Each finished part gets a sidecar ``part-NNNNN.json`` (its manifest entry plus the fingerprint of
 # the plan that produced it). A re-run skips parts whose sidecar matches the plan and whose file
 # verifies; anything else (missing, truncated, corrupt, built for another teacher) is rebuilt.
+
+
+# What the rows depend on besides the teacher: the split (train/val/test membership), the
+# augmentation, and the attack that produced the DPGD views. A run must match all of them.
+PINNED_DATA = ("split_seed", "val_fraction", "test_fraction", "limit_train", "crop_padding", "flip")
+PINNED_ATTACK = ("eps", "step_size", "steps", "random_start", "dpgd_loss", "dpgd_schedule", "dpgd_channel_mask",
+                 "dpgd_segpgd_weighting")
+
+
+def _plain(value: Any) -> Any:
+    """ints as floats and tuples as lists, so a manifest read back from JSON compares equal."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def fingerprint(plan: dict[str, Any]) -> str:

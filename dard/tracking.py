@@ -1,9 +1,10 @@
 """MLflow tracking: runs, params, per-epoch metrics, reports, models, registry (DESIGN section 6).
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<absolute cwd>/mlflow.db`` -- always
-absolute, because Ray workers run in another directory. Models are logged with
-``serialization_format="pickle"`` so ``mlflow.pytorch.load_model`` returns our ``nn.Module``
-class (MLflow 3's default pt2 format returns a GraphModule).
+absolute, because Ray workers run in another directory. Models are logged as a pyfunc *from
+code* (``dard/mlflow_model.py``) around the dard model file: nothing is pickled, and
+``load_registered`` reads only the weights file, weights-only, so a tampered registry entry
+cannot run code here.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking URI {uri}: folder {folder} is not writable")
+        db = Path(uri[len("sqlite:///"):])
+        if db.exists() and not (db.stat().st_mode & 0o222 and os.access(db, os.W_OK)):  # root ignores modes
+            raise TrackingError(f"tracking URI {uri}: {db} is read-only; make it writable or use another --tracking-uri")
         return uri
     if uri.startswith(("http://", "https://")):
         import urllib.error
@@ -141,23 +145,54 @@ class EpochLogger:
         self.client.set_terminated(self.run_id, status)
 
 
-def log_model(run_id: str, model, example_input, registered_name: str | None = None, tracking_uri: str | None = None):
-    """Log ``model`` (our class, pickled by MLflow) with a signature into ``run_id``; returns the ModelInfo."""
+MODEL_ARTIFACT = "dard-model.pt"
+
+
+def resumable_run(tracking_uri: str, marker: Path) -> str | None:
+    """The MLflow run id recorded in ``marker`` (a previous attempt at the same training), re-opened
+    as RUNNING; None when there is none or the run is gone from the store."""
+    if not marker.is_file():
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run_id = json.loads(marker.read_text())["run_id"]
+        client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
+        if client.get_run(run_id).info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    except (MlflowException, KeyError, ValueError, OSError):
+        return None
+
+
+def log_model(run_id: str, model_path: str | Path, example_input, registered_name: str | None = None,
+              tracking_uri: str | None = None):
+    """Log the dard model file ``model_path`` into ``run_id`` as artifact ``model`` (pyfunc from
+    code, signature from ``example_input`` (N, C, H, W) in [0, 1]); returns the ModelInfo."""
+    import shutil
+    import tempfile
+
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
+    from dard.models import load_model
+
     if tracking_uri:
         mlflow.set_tracking_uri(absolute_uri(tracking_uri))
-    model = getattr(model, "module", model).cpu().eval()
+    model, _ = load_model(model_path)
     x = example_input[:2].cpu()
     with torch.no_grad():
         y = model(x).numpy()
     signature = infer_signature(x.numpy().astype(np.float32), y)
-    with mlflow.start_run(run_id=run_id):
-        return mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                        serialization_format="pickle", registered_model_name=registered_name)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        copy = Path(tmp) / MODEL_ARTIFACT
+        shutil.copyfile(model_path, copy)
+        return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                                       artifacts={"dard_model": str(copy)}, signature=signature,
+                                       registered_model_name=registered_name)
 
 
 def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,
@@ -178,17 +213,19 @@ def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str 
 def load_registered(model_uri: str, tracking_uri: str | None = None):
     """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> (model in eval mode, dard-style header).
 
-    The header comes from the version's tags (dataset, arch, config) written at registration.
+    The weights and architecture come from the version's dard model file (read weights-only);
+    the run config from the version's tags written at registration.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from dard.config import IMAGE_SHAPE, NUM_CLASSES
-
-    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    spec = model_uri[len("models:/"):]
+    if "@" not in spec and "/" not in spec:
+        raise TrackingError(f"{model_uri}: name an alias or a version, e.g. models:/{spec}@champion or models:/{spec}/1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = check_tracking_uri(tracking_uri or default_tracking_uri())  # unreachable: fails at once, no retries
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    spec = model_uri[len("models:/"):]
     try:
         if "@" in spec:
             name, alias = spec.split("@", 1)
@@ -197,14 +234,24 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
             name, number = spec.rsplit("/", 1)
             version = client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as err:
-        raise TrackingError(f"{model_uri}: not found in the registry at {uri} ({err}); "
+        raise TrackingError(f"{model_uri}: not found in the registry at {uri} ({err.message.splitlines()[0]}); "
                             "see `dard registry show NAME`") from err
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu").eval()
-    dataset = version.tags.get("dard.dataset")
+    import tempfile
+
+    from dard.models import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp)
+        except mlflow.exceptions.MlflowException as err:
+            raise TrackingError(f"{model_uri}: its files cannot be read ({err.message.splitlines()[0]})") from err
+        weights = Path(folder) / "artifacts" / MODEL_ARTIFACT
+        if not weights.is_file():
+            raise TrackingError(f"{model_uri}: holds no {MODEL_ARTIFACT} (registered by another tool or an older "
+                                "dard?); dard loads registry models only from that weights-only file")
+        model, file_header = load_model(weights)  # weights_only: nothing in the registry is unpickled
     config = json.loads(version.tags["dard.config"]) if "dard.config" in version.tags else None
-    header = {"format": "registry", "arch": version.tags.get("dard.arch"), "dataset": dataset,
-              "num_classes": NUM_CLASSES.get(dataset), "in_channels": IMAGE_SHAPE.get(dataset, (3,))[0],
-              "arch_kwargs": {}, "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
+    header = {**file_header, "format": "registry", "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
                                           "registry": f"{name} v{version.version}"}}
     return model, header
 
@@ -212,10 +259,11 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
 # ---- registry: register a student, move the champion alias only when it is better --------------
 # Model name ``dard-<dataset>-<arch>``. Each version carries tags with its validation robust
 # accuracy, dataset, arch and the full run config; the alias moves only if the new version's
-# validation PGD accuracy beats the current champion's (both recorded on the new version).
+# validation robust accuracy (PGD and CW both fail; ``dard.training.validate``) beats the current
+# champion's (both recorded on the new version).
 
 ALIAS = "champion"
-METRIC = "val_pgd_acc"
+METRIC = "val_robust_acc"
 
 
 @dataclass
@@ -226,6 +274,7 @@ class Promotion:
     previous_champion: str | None
     previous_metric: float | None
     moved: bool
+    already_registered: bool = False
 
 
 def model_name(cfg) -> str:
@@ -240,6 +289,13 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
     mlflow.set_tracking_uri(absolute_uri(tracking_uri))
     client = MlflowClient()
     name = name or model_name(cfg)
+    try:
+        earlier = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("dard.run_id") == run_id]
+    except mlflow.exceptions.MlflowException:
+        earlier = []
+    if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
+        v = earlier[0]
+        return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
     version = mlflow.register_model(f"runs:/{run_id}/model", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
             "dard.config": json.dumps(cfg.to_dict()), "dard.run_id": run_id}
@@ -264,8 +320,15 @@ def show(tracking_uri: str, name: str) -> list[dict]:
     """Versions of ``name`` with their metrics and aliases, newest first."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
-    model = client.get_registered_model(name)
+    import mlflow
+
+    client = MlflowClient(tracking_uri=check_tracking_uri(tracking_uri))
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        known = [m.name for m in client.search_registered_models()]
+        raise TrackingError(f"no registered model {name!r} in {absolute_uri(tracking_uri)}; registered: "
+                            f"{', '.join(known) or 'none'}") from err
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)

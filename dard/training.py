@@ -7,6 +7,7 @@ uses (optimizer, schedule, batch streams, validation) are shared with ``cluster/
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dard.attacks.pgd import pgd
-from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
+from dard.attacks.pgd import cw_inf, pgd
+from dard.checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore, save_checkpoint
 from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, save_yaml, to_dict
 from dard.data import ArrayDataset, iterate_batches, num_batches, load_splits
 from dard.engine import correct_under, resolve_device, train_epoch
-from dard.losses import NEEDS_TEACHER, TrainBatch, needs_teacher_adv
+from dard.losses import NEEDS_TEACHER, TrainBatch, needs_online_teacher, needs_teacher_adv
 from dard.models import arch_kwargs, build_for, file_sha256, load_teacher, save_model
 from dard.progress import progress_bar
 from dard.teacher import teacher_outputs
@@ -44,13 +45,17 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``multistep`` (/10 at each milestone fraction), ``cosine`` or ``constant``."""
+    """Per-epoch schedule: ``multistep`` (/10 at each milestone fraction), ``cosine``, ``onecycle``
+    (linear warm-up over the first 30 % of epochs to lr, then linear decay to ~0) or ``constant``."""
     o = cfg.optim
     if o.lr_schedule == "multistep":
         marks = [int(round(f * o.epochs)) for f in o.milestones]
         factor = lambda e: 0.1 ** sum(e >= m for m in marks)  # noqa: E731
     elif o.lr_schedule == "cosine":
         factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / o.epochs))  # noqa: E731
+    elif o.lr_schedule == "onecycle":
+        warm = max(1, round(0.3 * o.epochs))
+        factor = lambda e: (e + 1) / warm if e < warm else (o.epochs - e) / max(1, o.epochs - warm)  # noqa: E731
     else:
         factor = lambda e: 1.0  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -80,7 +85,9 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
     from dard.shards import ShardReader
 
     reader = ShardReader(directory, check=check)
+    raw = to_dict(cfg)
     reader.check_compatible(dataset=cfg.data.dataset, num_classes=NUM_CLASSES[cfg.data.dataset], eps=cfg.attack.eps,
+                            data=raw["data"], attack=raw["attack"],
                             teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
     if reader.manifest["split"] != "train":
         raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
@@ -98,14 +105,22 @@ def shard_batches(reader, cfg: Config, rank: int = 0, world_size: int = 1, batch
 
 
 def validate(model: nn.Module, ds: ArrayDataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
-    """Natural and PGD-k accuracy (k = run.eval_pgd_steps, attack eps/step) on ``ds[:limit]``."""
+    """Validation accuracies on ``ds[:limit]`` under attack eps/step, k = run.eval_pgd_steps:
+    natural, PGD-k (CE), CW-k (margin), and ``val_robust_acc``: the sample survives both.
+
+    ``val_robust_acc`` is what selection uses: PGD-CE alone overstates distilled students, whose
+    soft targets leave small logit margins that a margin attack (and AutoAttack's APGD-T) finds.
+    """
     ds = ds.head(limit)
     x, y = ds.images.float() / 255, ds.labels
-    a = cfg.attack
+    a, k = cfg.attack, cfg.run.eval_pgd_steps
     nat = correct_under(model, x, y)
-    rob = correct_under(model, x, y, lambda m, xb, yb: pgd(m, xb, yb, eps=a.eps, step_size=a.step_size,
-                                                           steps=cfg.run.eval_pgd_steps))
-    return {"val_natural_acc": nat.float().mean().item(), "val_pgd_acc": rob.float().mean().item(),
+    rob_pgd = correct_under(model, x, y, lambda m, xb, yb: pgd(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
+                                                               labels_for_early_keep=yb))
+    rob_cw = correct_under(model, x, y, lambda m, xb, yb: cw_inf(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
+                                                                 labels_for_early_keep=yb))
+    return {"val_natural_acc": nat.float().mean().item(), "val_pgd_acc": rob_pgd.float().mean().item(),
+            "val_cw_acc": rob_cw.float().mean().item(), "val_robust_acc": (rob_pgd & rob_cw).float().mean().item(),
             "val_samples": len(ds)}
 
 
@@ -118,6 +133,23 @@ def load_run_teacher(path: str | Path, cfg: Config, teacher_arch: str | None = N
     for p in model.parameters():
         p.requires_grad_(False)
     return model, header
+
+
+def online_teacher_for(cfg: Config, teacher_path: str | Path | None, device: torch.device,
+                       expected_sha256: str | None = None, teacher_arch: str | None = None) -> nn.Module | None:
+    """The frozen teacher on ``device`` when the loss queries it online (``rob_target='teacher_adv'``),
+    else None. ``expected_sha256`` (from a shard manifest) must match the file, so the online
+    teacher is the one whose soft labels the shards hold."""
+    if not needs_online_teacher(cfg.loss):
+        return None
+    if teacher_path is None or not Path(teacher_path).is_file():
+        raise ValueError(f"loss.rob_target='teacher_adv' queries the teacher online, but no teacher file is readable "
+                         f"at {teacher_path}: pass --teacher PATH (the file the shards were built from)")
+    teacher, header = load_run_teacher(teacher_path, cfg, teacher_arch)
+    if expected_sha256 is not None and header["sha256"] != expected_sha256:
+        raise ValueError(f"{teacher_path}: sha256 {header['sha256'][:12]}... is not the shards' teacher "
+                         f"({expected_sha256[:12]}...)")
+    return teacher.to(device).eval()
 
 
 def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None, resume: bool = False,
@@ -145,6 +177,8 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
             raise ValueError(f"method {cfg.loss.method!r} distils from a teacher: pass --teacher PATH (or --shards DIR)")
         teacher, teacher_header = load_run_teacher(teacher_path, cfg, teacher_arch)
         teacher = teacher.to(device)
+    online_teacher = teacher if teacher is not None and needs_online_teacher(cfg.loss) else \
+        online_teacher_for(cfg, teacher_path, device, teacher_arch=teacher_arch)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     ckpt_path = out_dir / "checkpoint.pt"
@@ -152,6 +186,7 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     start_epoch = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        check_resumable(state, to_dict(cfg), ckpt_path)
         start_epoch = restore(state, model, optimizer, scheduler)
         history = list(state.get("history", []))
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
@@ -164,6 +199,8 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     for epoch in range(start_epoch, cfg.optim.epochs):
         lr = optimizer.param_groups[0]["lr"]
         batches = batch_source(epoch) if batch_source else online_batches(splits.train, cfg, epoch, teacher, device)
+        if online_teacher is not None:
+            batches = (dataclasses.replace(b, online_teacher=online_teacher) for b in batches)
         with progress_bar(n_batches, f"{cfg.loss.method} epoch {epoch + 1}/{cfg.optim.epochs}",
                           enabled=cfg.run.progress) as bar:
             train_metrics = train_epoch(model, batches, optimizer, loss_cfg=cfg.loss, attack_cfg=cfg.attack,
@@ -192,5 +229,5 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
 
 
 def _brief(m: dict) -> str:
-    keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "train_images_per_s")
+    keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "val_robust_acc", "train_images_per_s")
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)

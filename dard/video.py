@@ -118,10 +118,18 @@ def make_sample(path: str | Path, n_images: int = 24, frames_per_image: int = 2,
 
 
 def read_labels(path: str | Path, n_frames: int, num_classes: int) -> torch.Tensor:
-    rows = list(csv.DictReader(open(path)))
+    """A CSV with a ``label`` column (and ``frame``), one row per frame -> labels (n_frames,) int64."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "label" not in (reader.fieldnames or []):
+            raise VideoError(f"{path}: no 'label' column (header: {reader.fieldnames}); expected frame,label")
+        rows = list(reader)
     if len(rows) != n_frames:
         raise VideoError(f"{path}: {len(rows)} labels for {n_frames} frames")
-    labels = torch.tensor([int(r["label"]) for r in rows])
+    try:
+        labels = torch.tensor([int(r["label"]) for r in rows])
+    except (TypeError, ValueError) as err:
+        raise VideoError(f"{path}: labels must be integers ({err})") from err
     if labels.min() < 0 or labels.max() >= num_classes:
         raise VideoError(f"{path}: labels outside [0, {num_classes}) for this model")
     return labels

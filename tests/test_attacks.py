@@ -119,3 +119,6 @@ def test_autoattack_runs_on_a_small_subset(trained_models, digits_test):
     pgd_correct = model(pgd(model, x, y, EPS, STEP, 20)).argmax(1) == y
     assert result.accuracy <= pgd_correct.float().mean().item() + 1 / 24
     assert "apgd-ce" in result.per_attack_accuracy
+    # FAB-T calls backward: nothing may land in the parameters, and their flags come back as they were
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert "fab-t" in result.per_attack_accuracy  # FAB-T really ran (points stayed robust after APGD)

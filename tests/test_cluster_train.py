@@ -47,15 +47,51 @@ def small_train_cfg(tmp_path, epochs=3):
                          run={"eval_limit": 60})
 
 
+class ListeningSockets:
+    """Polls, in a thread, the TCP sockets that this process and its descendants (Ray's daemons,
+    the DDP workers) listen on; ``exposed`` collects those bound beyond loopback."""
+
+    def __init__(self):
+        import threading
+
+        self.exposed, self.seen, self._stop = set(), set(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+            for c in psutil.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN and c.pid in pids:
+                    self.seen.add((c.laddr.ip, c.laddr.port))
+                    if not (c.laddr.ip.startswith("127.") or c.laddr.ip == "::1"):
+                        self.exposed.add((c.laddr.ip, c.laddr.port, " ".join(psutil.Process(c.pid).cmdline())[:80]))
+            self._stop.wait(0.3)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, tmp_path):
     from cluster.train import train_distributed
 
     cfg = small_train_cfg(tmp_path)
     logs = tmp_path / "weights"
     logs.mkdir()
-    result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1, out=str(tmp_path / "s.pt"),
-                               test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(tmp_path / "killed"),
-                                           "weights_log_dir": str(logs)})
+    with ListeningSockets() as sockets:
+        result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1,
+                                   out=str(tmp_path / "s.pt"),
+                                   test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(tmp_path / "killed"),
+                                               "weights_log_dir": str(logs)})
+    # a local run listens on loopback only: Ray's daemons, the DDP rendezvous and gloo included
+    assert sockets.seen and not sockets.exposed, sockets.exposed
     assert (tmp_path / "killed").exists()  # the worker really died
     # resumed from the last checkpoint: every planned epoch once, none repeated or lost
     assert [h["epoch"] for h in result.history] == [0, 1, 2]

@@ -30,7 +30,7 @@ def test_full_report_on_a_trained_model(trained_models, digits_test, tmp_path):
     assert len(report.eps_curve) == 7 and report.eps_curve[0][1] == acc["natural"]
     paths = write_report(report, tmp_path)
     saved = json.loads(paths["json"].read_text())
-    assert saved["accuracy"]["pgd20"] == acc["pgd20"] and len(saved["checks"]) == 5
+    assert saved["accuracy"]["pgd20"] == acc["pgd20"] and len(saved["checks"]) == 6
     assert paths["png"].stat().st_size > 1000 and "pgd20" in paths["csv"].read_text()
     html = paths["html"].read_text()
     assert "data:image/png;base64" in html and "pgd20" in html and "Sanity checks" in html

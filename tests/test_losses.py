@@ -125,3 +125,63 @@ def test_temperature_one_vs_tau_differ_by_tau_squared_scaling():
 def test_distillation_without_teacher_is_a_clear_error():
     with pytest.raises(ValueError, match="needs teacher outputs"):
         dard(Fixed(S), TrainBatch(X, Y), LossConfig(), ATT)
+
+
+class TwoFaced(nn.Module):
+    """Natural input X -> ``nat`` logits, any other input (an adversarial example) -> ``adv``."""
+
+    def __init__(self, nat, adv):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.nat, self.adv = nat, adv
+
+    def forward(self, x):
+        is_nat = torch.isclose(x, X).flatten(1).all(1, keepdim=True)
+        return torch.where(is_nat, self.nat, self.adv) + self.w
+
+
+def test_dard_rob_target_self_is_trades_plus_teacher_terms():
+    # S(x) = S, S(x_s) = T: the robust term is beta * KL(S(x) || S(x_s)), no teacher at x_s.
+    T_adv = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]])
+    batch = TrainBatch(X, Y, teacher_logits=T, x_teacher_adv=X + 0.05, teacher_logits_adv=T_adv)
+    cfg = LossConfig(rob_target="self", w_adv=0.0, w_rob=1.0, w_nat=0.0, w_ce=1.0, trades_beta=6.0)
+    got = dard(TwoFaced(S, T), batch, cfg, ATT)
+    assert got.loss.item() == pytest.approx(ce_hand(S, Y) + 6.0 * kl_hand(S, T), rel=1e-4)
+    # ...which is exactly TRADES' objective on the same student
+    assert got.loss.item() == pytest.approx(trades(TwoFaced(S, T), batch, LossConfig(trades_beta=6.0), ATT).loss.item(),
+                                            rel=1e-5)
+    # plus DARD's precomputed terms: w_adv on T(x_d) (the student sees x_d -> T), w_nat on T(x)
+    cfg = LossConfig(rob_target="self", w_adv=1 / 3, w_rob=1.0, w_nat=1 / 6, w_ce=1.0, trades_beta=6.0)
+    got = dard(TwoFaced(S, T), batch, cfg, ATT)
+    expected = ce_hand(S, Y) + 6.0 * kl_hand(S, T) + 1 / 3 * kl_hand(T_adv, T) + 1 / 6 * kl_hand(T, S)
+    assert got.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert set(got.terms) == {"kd_adv", "kd_rob", "kd_nat", "ce"}
+
+
+def test_dard_w_ce_adv_is_cross_entropy_at_the_student_adversarial_example():
+    S_adv = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+    batch = TrainBatch(X, Y, teacher_logits=T)
+    for target in ("teacher_nat", "self"):
+        cfg = LossConfig(rob_target=target, w_adv=0.0, w_rob=0.0, w_nat=0.0, w_ce_adv=0.5)
+        got = dard(TwoFaced(S, S_adv), batch, cfg, ATT)
+        assert got.loss.item() == pytest.approx(0.5 * ce_hand(S_adv, Y), rel=1e-5), target
+        assert set(got.terms) == {"ce_adv"}
+    cfg = LossConfig(w_adv=0.0, w_rob=0.5, w_nat=0.0, w_ce_adv=2.0)  # teacher_nat: target T(x)
+    got = dard(TwoFaced(S, S_adv), batch, cfg, ATT)
+    assert got.loss.item() == pytest.approx(0.5 * kl_hand(T, S_adv) + 2.0 * ce_hand(S_adv, Y), rel=1e-5)
+
+
+def test_dard_rob_target_teacher_adv_queries_the_teacher_at_x_s():
+    T_at_xs = torch.tensor([[0.0, 0.0, 4.0], [4.0, 0.0, 0.0]])
+    S_adv = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+    teacher = TwoFaced(T, T_at_xs)  # the online teacher gives T at x and T_at_xs at the student's x_s
+    batch = TrainBatch(X, Y, teacher_logits=T, online_teacher=teacher)
+    cfg = LossConfig(rob_target="teacher_adv", w_adv=0.0, w_rob=1.0, w_nat=0.0, temperature=2.0)
+    got = dard(TwoFaced(S, S_adv), batch, cfg, ATT)
+    assert got.loss.item() == pytest.approx(4.0 * kl_hand(T_at_xs, S_adv, 2.0), rel=1e-5)
+    # differs from the precomputed-target version (T(x)), which is the point of the knob
+    base = dard(TwoFaced(S, S_adv), batch, LossConfig(w_adv=0.0, w_rob=1.0, w_nat=0.0, temperature=2.0), ATT)
+    assert base.loss.item() == pytest.approx(4.0 * kl_hand(T, S_adv, 2.0), rel=1e-5)
+    assert abs(base.loss.item() - got.loss.item()) > 0.05
+    with pytest.raises(ValueError, match="teacher_adv"):
+        dard(TwoFaced(S, S_adv), TrainBatch(X, Y, teacher_logits=T), cfg, ATT)

@@ -7,6 +7,7 @@ import sys
 
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
+from dard.tracking import METRIC
 
 
 def _uri(args) -> str:
@@ -27,16 +28,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    name=args.name, storage_path=args.storage_path, tracking_uri=uri, experiment=args.experiment,
                    resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,
                    grace_period=args.grace_period, seed=args.seed or 0)
-    print(f"sweep {args.name}: {result.trials} trials; best validation PGD accuracy "
-          f"{100 * result.best_metrics['val_pgd_acc']:.2f}% (natural {100 * result.best_metrics.get('val_natural_acc', 0):.2f}%)")
+    print(f"sweep {args.name}: {result.trials} trials; best validation robust (PGD+CW) accuracy "
+          f"{100 * result.best_metrics[METRIC]:.2f}% (natural {100 * result.best_metrics.get('val_natural_acc', 0):.2f}%)")
     print("best parameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in result.best_params.items()))
     print(f"MLflow parent run {result.parent_run_id} in {uri}")
     if not args.no_promote and result.best_run_id:
         from tuning.space import apply
 
-        p = promote(uri, result.best_run_id, float(result.best_metrics["val_pgd_acc"]), apply(cfg, result.best_params))
-        verdict = "is the new champion" if p.moved else (
+        p = promote(uri, result.best_run_id, float(result.best_metrics[METRIC]), apply(cfg, result.best_params))
+        verdict = "is the new champion" if p.moved else "was already registered; nothing changed" if \
+            p.already_registered else (
             f"did not beat champion v{p.previous_champion} ({100 * p.previous_metric:.2f}%); alias unchanged")
         print(f"registered {p.name} v{p.version} ({100 * p.metric:.2f}%): {verdict}")
     return 0
@@ -50,16 +52,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
         from mlflow.tracking import MlflowClient
 
         run = MlflowClient(tracking_uri=uri).get_run(args.run_id)
-        metric = args.metric if args.metric is not None else run.data.metrics.get("val_pgd_acc")
+        metric = args.metric if args.metric is not None else run.data.metrics.get(METRIC)
         if metric is None:
-            raise ValueError(f"run {args.run_id} has no val_pgd_acc metric; pass --metric")
+            raise ValueError(f"run {args.run_id} has no {METRIC} metric; pass --metric")
         p = promote(uri, args.run_id, float(metric), sweep_best_config(uri, args.run_id), name=args.name)
         print(f"registered {p.name} v{p.version}; champion {'moved' if p.moved else 'unchanged'}")
     elif args.registry_command == "show":
         rows = show(uri, args.name)
         print(f"{args.name}:")
         for r in rows:
-            print(f"  v{r['version']:<4} val_pgd_acc={r['val_pgd_acc']}  aliases={','.join(r['aliases']) or '-'}  "
+            print(f"  v{r['version']:<4} {METRIC}={r[METRIC]}  aliases={','.join(r['aliases']) or '-'}  "
                   f"promoted={r['promoted']}  champion at registration: {r['champion_at_registration']}  run {r['run_id']}")
     else:  # load
         from dard.models import save_model
@@ -86,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="Ray Tune sweep over temperature and loss weights, MLflow per trial")
     add_config_args(p, method_default="dard", methods=METHODS)
     p.add_argument("--shards", required=True, help="shard directory (the sweep trains from shards)")
-    p.add_argument("--space", default="dard-default", help="preset (dard-default, rslad-like, wide) or a YAML file")
+    p.add_argument("--space", default="dard-default", help="preset (dard-default, dard-trades, rslad-like, wide, sat, trades, ard, rslad) or a YAML file")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--max-concurrent", type=int, help="default: GPUs // workers per trial, 1 without GPUs")
@@ -106,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = rs.add_parser("promote", help="register a run's model; move 'champion' only if it is better")
     q.add_argument("--tracking-uri")
     q.add_argument("--run-id", required=True)
-    q.add_argument("--metric", type=float, help="validation PGD accuracy (default: the run's val_pgd_acc)")
+    q.add_argument("--metric", type=float, help="validation robust accuracy (default: the run's val_robust_acc)")
     q.add_argument("--name", help="default dard-<dataset>-<arch>")
     q = rs.add_parser("show", help="versions with metrics and aliases")
     q.add_argument("--tracking-uri")

@@ -7,9 +7,14 @@ A space maps parameter names to distributions::
     divergence:  {type: choice, values: [kl, dice]}
     lr:          0.05                                 # a plain value is fixed
 
-Loss weights are *normalised*: the sampled w_adv, w_rob, w_nat are divided by their sum, so a
-trial's three distillation weights always add up to 1 (w_ce stays as sampled). This removes the
-overall scale, which would otherwise act as a second learning rate, and keeps every point valid.
+For DARD with a teacher robustness target (``teacher_nat``/``teacher_adv``) the loss weights are
+*normalised*: the sampled w_adv, w_rob, w_nat are divided by their sum, so a trial's three
+distillation weights add up to 1 (w_ce, w_ce_adv stay as sampled). This removes the overall
+scale, which would otherwise act as a second learning rate. With ``rob_target: self`` the TRADES
+pair (w_ce = 1, w_rob * trades_beta) sets the scale, so weights stay as sampled.
+
+``method`` is a parameter too: the baseline presets (``sat``, ``trades``, ``ard``, ``rslad``) fix
+it and search lr plus that method's own knobs, so every method gets the same tuning budget.
 """
 from __future__ import annotations
 
@@ -18,20 +23,26 @@ from typing import Any
 
 import yaml
 
-from dard.config import DIVERGENCES, DPGD_LOSSES, STEP_SCHEDULES, Config, from_dict
+from dard.config import DIVERGENCES, DPGD_LOSSES, METHODS, ROB_TARGETS, STEP_SCHEDULES, Config, from_dict
 
 # parameter -> (config section, key)
 PARAMETERS = {
     "temperature": ("loss", "temperature"), "w_adv": ("loss", "w_adv"), "w_rob": ("loss", "w_rob"),
     "w_nat": ("loss", "w_nat"), "w_ce": ("loss", "w_ce"), "divergence": ("loss", "divergence"),
     "dpgd_loss": ("attack", "dpgd_loss"), "dpgd_schedule": ("attack", "dpgd_schedule"), "lr": ("optim", "lr"),
+    "w_ce_adv": ("loss", "w_ce_adv"), "rob_target": ("loss", "rob_target"), "method": ("loss", "method"),
+    "trades_beta": ("loss", "trades_beta"), "ard_alpha": ("loss", "ard_alpha"),
+    "ard_temperature": ("loss", "ard_temperature"), "weight_decay": ("optim", "weight_decay"),
 }
-CHOICES = {"divergence": DIVERGENCES, "dpgd_loss": DPGD_LOSSES, "dpgd_schedule": STEP_SCHEDULES}
+CHOICES = {"divergence": DIVERGENCES, "dpgd_loss": DPGD_LOSSES, "dpgd_schedule": STEP_SCHEDULES,
+           "rob_target": ROB_TARGETS, "method": METHODS}
+LR_RANGE = {"type": "loguniform", "low": 0.02, "high": 0.4}
 WEIGHTS = ("w_adv", "w_rob", "w_nat")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tau, the three weights and the divergence; DPGD as configured.
     "dard-default": {
+        "method": "dard", "rob_target": "teacher_nat",
         "temperature": {"type": "loguniform", "low": 1, "high": 20},
         "w_adv": {"type": "uniform", "low": 0, "high": 1},
         "w_rob": {"type": "uniform", "low": 0, "high": 1},
@@ -40,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # around RSLAD's point (w_adv 0, w_rob 5/6, w_nat 1/6, tau 1): small adversarial-label weight.
     "rslad-like": {
+        "method": "dard", "rob_target": "teacher_nat",
         "temperature": {"type": "loguniform", "low": 1, "high": 4},
         "w_adv": {"type": "uniform", "low": 0, "high": 0.3},
         "w_rob": {"type": "uniform", "low": 0.5, "high": 1},
@@ -48,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # everything, including the DPGD inner loss and step rule, the hard-label term and lr.
     "wide": {
+        "method": "dard", "rob_target": "teacher_nat",
         "temperature": {"type": "loguniform", "low": 1, "high": 20},
         "w_adv": {"type": "uniform", "low": 0, "high": 1},
         "w_rob": {"type": "uniform", "low": 0, "high": 1},
@@ -58,6 +71,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dpgd_schedule": {"type": "choice", "values": ["constant", "cosine", "apgd"]},
         "lr": {"type": "loguniform", "low": 0.005, "high": 0.2},
     },
+    # DARD on a TRADES backbone: the student's own robustness term plus the teacher's precomputed
+    # soft labels on its DPGD views (w_adv) and on natural views (w_nat).
+    "dard-trades": {
+        "method": "dard", "rob_target": "self", "w_rob": 1.0, "w_ce": 1.0, "lr": LR_RANGE,
+        "trades_beta": {"type": "uniform", "low": 2, "high": 8},
+        "w_adv": {"type": "uniform", "low": 0, "high": 2},
+        "w_nat": {"type": "uniform", "low": 0, "high": 0.5},
+    },
+    # Baselines, each with lr and its own knobs (benchmarks/tune_methods.py gives each the same trials).
+    "sat": {"method": "sat", "lr": LR_RANGE},
+    "trades": {"method": "trades", "lr": LR_RANGE, "trades_beta": {"type": "uniform", "low": 2, "high": 8}},
+    "ard": {"method": "ard", "lr": LR_RANGE, "ard_temperature": {"type": "loguniform", "low": 1, "high": 30},
+            "ard_alpha": {"type": "uniform", "low": 0.5, "high": 1}},
+    "rslad": {"method": "rslad", "lr": LR_RANGE},
 }
 
 
@@ -120,10 +147,10 @@ def _check_value(name: str, value: Any) -> None:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise SpaceError(f"{name}: expected a number, got {value!r}")
-    if name in ("temperature", "lr") and value <= 0:
+    if name in ("temperature", "lr", "ard_temperature") and value <= 0:
         raise SpaceError(f"{name}: must be > 0, got {value}")
-    if name.startswith("w_") and value < 0:
-        raise SpaceError(f"{name}: weights must be >= 0, got {value}")
+    if (name.startswith("w_") or name in ("trades_beta", "ard_alpha", "weight_decay")) and value < 0:
+        raise SpaceError(f"{name}: must be >= 0, got {value}")
 
 
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:
@@ -144,17 +171,18 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply(cfg: Config, params: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with the trial's parameters; the three distillation weights normalised to sum 1."""
+    """A copy of ``cfg`` with the trial's parameters (DARD weights normalised as the module says)."""
     raw = cfg.to_dict()
     for name, value in params.items():
         if name in PARAMETERS:
             section, key = PARAMETERS[name]
             raw[section][key] = value
-    total = sum(raw["loss"][w] for w in WEIGHTS)
-    if total <= 0:
-        raw["loss"].update({"w_adv": 0.0, "w_rob": 1.0, "w_nat": 0.0})  # all-zero draw: fall back to w_rob only
-    else:
-        for w in WEIGHTS:
-            raw["loss"][w] = raw["loss"][w] / total
-    raw["loss"]["method"] = "dard"
+    loss = raw["loss"]
+    if loss["method"] == "dard" and loss["rob_target"] != "self":
+        total = sum(loss[w] for w in WEIGHTS)
+        if total <= 0:
+            loss.update({"w_adv": 0.0, "w_rob": 1.0, "w_nat": 0.0})  # all-zero draw: fall back to w_rob only
+        else:
+            for w in WEIGHTS:
+                loss[w] = loss[w] / total
     return from_dict(raw)

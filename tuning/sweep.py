@@ -3,8 +3,9 @@
 Each trial runs the cluster trainer (Train inside Tune, as Ray 2.5x+ documents it: a Tune
 function that builds a ``TorchTrainer`` with ``TuneReportCallback``; ``Tuner(trainer)`` is
 deprecated). OptunaSearch proposes points, ASHA stops poor trials early on epochs. Objective:
-validation PGD accuracy (``val_pgd_acc``, from the held-out validation split; the test split is
-never seen), natural accuracy recorded alongside.
+validation robust accuracy (``val_robust_acc``: a sample counts if it survives both PGD and the
+CW margin attack, on the held-out validation split; the test split is never seen). PGD-CE alone
+would reward the small logit margins of distilled students, which AutoAttack then finds.
 
 MLflow: one parent run per sweep, one child run per trial (params, per-epoch metrics, the
 student with a signature). ``--resume`` continues an interrupted sweep (``Tuner.restore``):
@@ -22,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from dard.config import Config
+from dard.tracking import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
 from dard.tracking import EpochLogger, absolute_uri, check_tracking_uri, log_model
 from tuning.space import apply, load_space, to_tune, validate_space
 
 log = logging.getLogger("dard")
-OBJECTIVE = "val_pgd_acc"
 PARENT_FILE = "mlflow_parent_run.json"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped before every trial ended; its state is saved for ``--resume``."""
 
 
 @dataclass
@@ -77,7 +82,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
           experiment: str = "dard-sweeps", resume: bool = False, address: str | None = None,
           max_concurrent: int | None = None, grace_period: int = 1, seed: int = 0,
           use_gpu: bool | None = None, cpus_per_worker: float | None = None) -> SweepResult:
-    """Run (or resume) a sweep; returns the best trial by validation PGD accuracy.
+    """Run (or resume) a sweep; returns the best trial by validation robust accuracy.
 
     Everything that can be wrong with the inputs (space, config, shards, tracking URI) fails
     here, before any trial starts.
@@ -88,7 +93,9 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     space_dict = load_space(space) if isinstance(space, str) else validate_space(space)
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
-    cfg.loss.method = "dard"
+    if not isinstance(space_dict.get("method"), (str, type(None))):
+        raise ValueError("space: method must be a fixed value (one method per sweep, equal trials per method)")
+    cfg.loss.method = space_dict.get("method", cfg.loss.method)
     cfg.validate()
     uri = check_tracking_uri(tracking_uri or default_tracking_uri())
     open_shards(shards, cfg, check="full")
@@ -138,6 +145,11 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
             run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
+    # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid. That is not a
+    # result: nothing is selected, registered or closed, so `--resume` continues the same sweep.
+    if grid.num_terminated + grid.num_errors < max(trials, len(grid)):
+        raise SweepInterrupted(f"sweep {name} interrupted after {grid.num_terminated} of {max(trials, len(grid))} "
+                               f"trials; nothing registered. Continue it with --resume --name {name}")
     # The best trial among those that ran every epoch: a trial ASHA stopped early has an
     # earlier-epoch score (not comparable) and no logged model.
     finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
@@ -161,13 +173,20 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
 
 def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) -> None:
     """The best trial's student (from its last checkpoint) into its child run, with a signature."""
+    import tempfile
+
     from dard.checkpoint import load_checkpoint
+    from dard.config import IMAGE_SHAPE, NUM_CLASSES
     from dard.data import load_splits, to_float
-    from dard.models import build_for
+    from dard.models import arch_kwargs, build_for, save_model
 
     model = build_for(cfg.model, cfg.data.dataset)
     model.load_state_dict(load_checkpoint(Path(checkpoint_path) / "checkpoint.pt")["model"])
-    log_model(run_id, model, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
+    dataset = cfg.data.dataset
+    path = save_model(Path(tempfile.mkdtemp()) / "model.pt", model, arch=cfg.model.arch, num_classes=NUM_CLASSES[dataset],
+                      in_channels=IMAGE_SHAPE[dataset][0], dataset=dataset, arch_kwargs=arch_kwargs(cfg.model),
+                      meta={"method": cfg.loss.method, "config": cfg.to_dict()})
+    log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 
 def _close_stopped_children(uri: str, parent_run_id: str) -> None:
@@ -191,7 +210,7 @@ def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict,
     client = MlflowClient(tracking_uri=absolute_uri(uri))
     for k, v in params.items():
         client.set_tag(parent_run_id, f"best.{k}", str(v))
-    for k in ("val_pgd_acc", "val_natural_acc"):
+    for k in (OBJECTIVE, "val_pgd_acc", "val_natural_acc"):
         if k in metrics:
             client.log_metric(parent_run_id, f"best_{k}", float(metrics[k]))
     client.log_metric(parent_run_id, "trials", trials)

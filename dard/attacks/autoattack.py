@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dard.attacks.pgd import eval_mode
+from dard.attacks.pgd import frozen
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -53,7 +53,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
     per_attack: dict[str, float] = {}
-    with eval_mode(model), torch.no_grad():
+    with frozen(model), torch.no_grad():
         # AutoAttack's per-attack accuracies go to its logger; capture them for the report.
         handler = _CaptureAccuracies(per_attack)
         logger = logging.getLogger("auto-attack")

@@ -34,6 +34,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside the block, both restored after: an attack that
+    calls ``backward`` (AutoAttack's FAB) then leaves nothing in ``p.grad``."""
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        with eval_mode(model):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 # ---- per-sample losses to maximise -----------------------------------------------------------
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,24 @@ class ModelFileError(ValueError):
     """A model file is missing, unreadable, or does not fit the requested architecture."""
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """Weights hold NaN/Inf: never written to a file, never evaluated."""
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first tensors of ``state`` holding NaN/Inf."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"{what}: {len(bad)} tensors hold NaN/Inf (first: {bad[:3]}); refusing to use them. "
+                                    "Training diverged: lower optim.lr or optim.weight_decay, or enable optim.grad_clip.")
+
+
 def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
                dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
+    check_finite(model.state_dict(), f"model for {path}")
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
@@ -67,6 +80,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         raise ModelFileError(f"{path}: not a dard model file (no '{FORMAT}' header). For a bare state dict "
                              "(e.g. a RobustBench checkpoint) use load_teacher(path, arch, num_classes) or "
                              "`dard distill --teacher PATH --teacher-arch ARCH`.")
+    missing = [k for k in ("arch", "num_classes", "in_channels", "arch_kwargs", "state_dict") if k not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: the model header lacks {missing}; re-export it with `dard registry load` or train it again")
     model = build(payload["arch"], payload["num_classes"], payload["in_channels"], **payload["arch_kwargs"])
     _load_state(model, payload["state_dict"], path, payload["arch"], payload["num_classes"])
     header = {k: v for k, v in payload.items() if k != "state_dict"}
@@ -125,4 +141,5 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Any, arc
             hint = f" The classifier has {fc[0][1][0]} outputs in the file but the run expects {num_classes} classes."
         raise ModelFileError(f"{path}: weights do not fit architecture {arch!r} with {num_classes} classes: "
                              + "; ".join(parts) + "." + hint)
+    check_finite(state, str(path))
     model.load_state_dict(state, strict=True)

@@ -1,7 +1,8 @@
 """Small CNNs for the embedded digits (8x8 grey), also valid on 32x32 RGB.
 
-``cnn_small`` (~14k parameters) is the digits student; ``cnn_large`` (~0.5M parameters,
-~25x the student's FLOPs on 8x8) the digits teacher.
+``cnn_small`` (~14k parameters) is the digits student; ``cnn_medium`` (~114k) and ``cnn_large``
+(~0.5M parameters, ~25x the student's FLOPs on 8x8) are digits teachers
+(``benchmarks/results/teacher-digits.md``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ class SmallCNN(nn.Module):
 @register("cnn_small")
 def cnn_small(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
     return SmallCNN((16, 32, 32), (1, 2, 1), num_classes, in_channels)
+
+
+@register("cnn_medium")
+def cnn_medium(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
+    return SmallCNN((64, 64, 128), (1, 2, 1), num_classes, in_channels)
 
 
 @register("cnn_large")
