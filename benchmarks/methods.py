@@ -224,24 +224,15 @@ def plot_curves(runs: list[dict], names: list[str], path: Path) -> None:
 
 def plot_frontier(runs: list[dict], names: list[str], path: Path) -> None:
     """Natural vs AutoAttack accuracy, one point per run (variant x seed): the frontier, not one number."""
-    import matplotlib
+    from benchmarks.plots import scatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
+    groups = {}
     for name in names:
         rows = [r for r in runs if r["variant"] == name and "autoattack" in r["accuracy"]]
-        ax.scatter([100 * r["accuracy"]["natural"] for r in rows], [100 * r["accuracy"]["autoattack"] for r in rows],
-                   label=name, s=22)
-    ax.set_xlabel("test natural accuracy %")
-    ax.set_ylabel("test AutoAttack accuracy %")
-    ax.set_title("every run (method x seed)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        groups[name] = ([100 * r["accuracy"]["natural"] for r in rows], [100 * r["accuracy"]["autoattack"] for r in rows],
+                        [], [])
+    scatter(path, groups, xlabel="test natural accuracy %", ylabel="test AutoAttack accuracy %",
+            title="every run (method x seed)")
 
 
 if __name__ == "__main__":

@@ -82,26 +82,19 @@ def main() -> int:
 
 
 def plot_trials(results: dict, path: Path) -> None:
-    import matplotlib
+    from benchmarks.plots import scatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def pct(trials, key):
+        return [100 * t[key] for t in trials]
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    groups = {}
     for preset, r in results["presets"].items():
         done = [t for t in r["trials"] if t[METRIC] is not None and t["epochs"] == results["epochs"]]
         stopped = [t for t in r["trials"] if t[METRIC] is not None and t["epochs"] != results["epochs"]]
-        line = ax.scatter([100 * t["val_natural_acc"] for t in done], [100 * t[METRIC] for t in done], label=preset)
-        ax.scatter([100 * t["val_natural_acc"] for t in stopped], [100 * t[METRIC] for t in stopped],
-                   facecolors="none", edgecolors=line.get_facecolor(), alpha=0.5)
-    ax.set_xlabel("validation natural accuracy %")
-    ax.set_ylabel("validation robust (PGD + CW) accuracy %")
-    ax.set_title(f"every trial, {results['trials_per_method']} per method (hollow: stopped early by ASHA)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        groups[preset] = (pct(done, "val_natural_acc"), pct(done, METRIC), pct(stopped, "val_natural_acc"),
+                          pct(stopped, METRIC))
+    scatter(path, groups, xlabel="validation natural accuracy %", ylabel="validation robust (PGD + CW) accuracy %",
+            title=f"every trial, {results['trials_per_method']} per method (hollow: stopped early by ASHA)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Teacher soft labels -> Arrow shards, one Ray task per part (DESIGN section 4).
+"""Teacher soft labels -> Arrow shards, one Ray task per part (docs/design.md §4).
 
 Each task loads the teacher once (from bytes in the object store, so workers on other nodes
 need no shared filesystem), computes its part with :func:`dard.soft_labels.compute_part`, writes

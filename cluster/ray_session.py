@@ -1,4 +1,4 @@
-"""Starting or joining Ray: loopback-only when we start it ourselves (DESIGN section 5, security)."""
+"""Starting or joining Ray: loopback-only when we start it ourselves (docs/design.md §5, security)."""
 from __future__ import annotations
 
 import os

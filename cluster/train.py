@@ -1,4 +1,4 @@
-"""Ray Train: DistributedDataParallel student training from shards (DESIGN section 5).
+"""Ray Train: DistributedDataParallel student training from shards (docs/design.md §5).
 
 ``train_distributed`` is the driver (``dard train``, ``cluster.jobs.train``); ``train_loop_per_worker``
 is plain PyTorch around ``dard.engine.train_epoch`` plus three Ray calls (``prepare_model``,
@@ -32,7 +32,7 @@ from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_che
 from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
 from dard.data import load_splits
 from dard.engine import train_epoch
-from dard.models import arch_kwargs, build_for, save_model
+from dard.models import arch_kwargs, build_for, save_model, unwrap
 from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, seed_everything,
                            shard_batches, validate)
 
@@ -45,7 +45,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for tensor in getattr(model, "module", model).parameters():
+    for tensor in unwrap(model).parameters():
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -57,6 +57,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    # Ray Train V2 logs every report of every rank at INFO ("Reporting training result ..."),
+    # whatever LoggingConfig says; the rank-0 epoch line below is the one a person reads.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -110,14 +113,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "world_size": world, **{f"train_{k}": v for k, v in stats.items()}}
         if rank == 0 and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs):
-            metrics.update(validate(getattr(model, "module", model), val, cfg, cfg.run.eval_limit))
+            metrics.update(validate(unwrap(model), val, cfg, cfg.run.eval_limit))
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(d) / CHECKPOINT_FILE, checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
-                                            {"shards": reader.manifest.get("fingerprint"),
-                                             "teacher": reader.manifest["teacher"]}))
+                state = checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
+                                         {"shards": reader.manifest.get("fingerprint"),
+                                          "teacher": reader.manifest["teacher"]})
+                save_checkpoint(Path(d) / CHECKPOINT_FILE, state)  # refuses NaN weights
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
                 print(f"[dard] epoch {epoch + 1}/{cfg.optim.epochs}: " + ", ".join(

@@ -12,13 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dard.models.registry import unwrap
+
 
 class CheckpointError(ValueError):
     pass
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config: dict, history: list,

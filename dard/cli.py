@@ -111,7 +111,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         source, steps = shard_batches(reader, cfg)
         meta = {"shards": {"directory": args.shards, "fingerprint": reader.manifest.get("fingerprint"),
                            "teacher": reader.manifest["teacher"]}}
-        teacher = None  # everything the teacher contributes comes from the shards
+        # Everything the teacher contributes comes from the shards, except an online teacher
+        # (rob_target teacher_adv): the shards' own teacher file unless --teacher names one, checked by sha256.
+        from dard.losses import needs_online_teacher
+
+        if needs_online_teacher(cfg.loss):
+            teacher = teacher or reader.manifest["teacher"].get("path")
+            open_shards(args.shards, cfg, teacher, check="none")
+        else:
+            teacher = None
     result = fit(cfg, teacher_path=teacher, teacher_arch=getattr(args, "teacher_arch", None), resume=args.resume,
                  batch_source=source, batches_per_epoch=steps, extra_meta=meta)
     out.parent.mkdir(parents=True, exist_ok=True)

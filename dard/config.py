@@ -77,7 +77,7 @@ class AttackConfig:
 
 @dataclass
 class LossConfig:
-    """Training objective and its weights (DESIGN section 3).
+    """Training objective and its weights (docs/design.md §3).
 
     DARD: ``w_adv*D_tau(T(x_d)||S(x_d)) + w_rob*R(x_s) + w_nat*D_tau(T(x)||S(x)) + w_ce*CE(S(x), y)
     + w_ce_adv*CE(S(x_s), y)``, where ``rob_target`` picks the online robustness term R:
@@ -158,7 +158,7 @@ class Config:
         return to_dict(self)
 
 
-# Digits: 8x8 grey images; eps 0.2 separates methods (DESIGN section 8: a natural CNN falls to
+# Digits: 8x8 grey images; eps 0.2 separates methods (docs/design.md §8: a natural CNN falls to
 # ~1 % PGD-20 accuracy, TRADES keeps ~70 %); eps 0.1 barely does. No flip: digits are not mirror
 # symmetric. Small CNNs, more epochs with a cosine schedule since each epoch is tiny.
 # lr 0.2, measured (cnn_small, 15 epochs, batch 64, validation natural / PGD-10 %, lr 0.05 -> 0.2):

@@ -1,4 +1,4 @@
-"""Robustness report: the fixed protocol of DESIGN section 7, an eps curve, and sanity checks.
+"""Robustness report: the fixed protocol of docs/design.md §7, an eps curve, and sanity checks.
 
 Protocol (L-inf, inputs in [0, 1]): natural; FGSM; PGD-20 (random start); BIM-10; T-PGD-10
 (TRADES KL); CW-inf-20 (margin loss); DPGD-20; AutoAttack standard (official implementation).

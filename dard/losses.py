@@ -20,7 +20,8 @@ from torch import nn
 
 from dard.attacks.dpgd import dice_loss, dpgd_from_config
 from dard.attacks.pgd import pgd, trades_pgd
-from dard.config import AttackConfig, LossConfig
+from dard.config import DISTILL_METHODS, AttackConfig, LossConfig
+from dard.models.registry import unwrap
 from dard.teacher import forward_logits
 
 
@@ -58,7 +59,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     """``tau^2 * D(softmax(teacher/tau), softmax(student/tau))``, batch mean.
 
     kind ``kl``: KL(teacher || student) summed over classes (Hinton's tau^2 keeps gradient scale
-    independent of tau). kind ``dice``: the Dice loss of DESIGN section 3 with the teacher's
+    independent of tau). kind ``dice``: the Dice loss of docs/design.md §3 with the teacher's
     distribution as target. The teacher side is detached.
     """
     teacher_probs = F.softmax(teacher_logits.detach().float() / temperature, 1)
@@ -70,12 +71,6 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     else:
         raise ValueError(f"loss.divergence: unknown {kind!r}; choose kl or dice")
     return temperature ** 2 * d
-
-
-def _bare(model: nn.Module) -> nn.Module:
-    """Attacks run on the unwrapped module: through DDP, their input-only backward passes would arm
-    the gradient reducer without ever firing it."""
-    return getattr(model, "module", model)
 
 
 def _require_teacher(batch: TrainBatch, method: str, *fields_: str) -> None:
@@ -95,7 +90,7 @@ def sat(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
 
     Defaults as in Madry's CIFAR setting: eps 8/255, step 2/255, 10 steps.
     """
-    x_adv = pgd(_bare(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = pgd(unwrap(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     loss = F.cross_entropy(student(x_adv), batch.y)
     return LossResult(loss, {"ce_adv": loss.item()})
 
@@ -107,7 +102,7 @@ def trades(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attac
     value); the official code's ``KLDivLoss(size_average=False) / batch_size`` is batchmean, so
     no rescaling. As upstream, the natural distribution is not detached in the outer KL.
     """
-    x_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     logits_nat = student(batch.x)
     ce = F.cross_entropy(logits_nat, batch.y)
     robust = F.kl_div(F.log_softmax(student(x_adv), 1), F.softmax(logits_nat, 1), reduction="batchmean")
@@ -125,7 +120,7 @@ def ard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
     is in eval mode, as in every other method, so BN statistics are not polluted by x'.
     """
     _require_teacher(batch, "ard", "teacher_logits")
-    x_adv = pgd(_bare(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
+    x_adv = pgd(unwrap(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     kd = divergence(student(x_adv), batch.teacher_logits, cfg.ard_temperature, "kl")
     loss = cfg.ard_alpha * kd
     terms = {"kd_adv": (cfg.ard_alpha * kd).item()}
@@ -149,7 +144,7 @@ def rslad(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attack
     """
     _require_teacher(batch, "rslad", "teacher_logits")
     teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-    x_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+    x_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
                        reference_probs=teacher_probs)
     rob = divergence(student(x_adv), batch.teacher_logits, 1.0, "kl")
     nat = divergence(student(batch.x), batch.teacher_logits, 1.0, "kl")
@@ -193,11 +188,11 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
     logits_nat = student(batch.x) if needs_nat else None
     if cfg.w_rob > 0 or cfg.w_ce_adv > 0:
         if cfg.rob_target == "self":
-            x_student_adv = trades_pgd(_bare(student), batch.x, eps=attack.eps, step_size=attack.step_size,
+            x_student_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size,
                                        steps=attack.steps)
         else:
             teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-            x_student_adv = dpgd_from_config(_bare(student), batch.x, teacher_probs, attack)
+            x_student_adv = dpgd_from_config(unwrap(student), batch.x, teacher_probs, attack)
         logits_adv = student(x_student_adv)
         if cfg.w_rob > 0:
             if cfg.rob_target == "self":
@@ -226,7 +221,7 @@ LOSSES: dict[str, Callable[[nn.Module, TrainBatch, LossConfig, AttackConfig], Lo
 }
 
 # What each method needs from the teacher: natural soft labels, and DPGD views + their soft labels.
-NEEDS_TEACHER = {"ard", "rslad", "dard"}
+NEEDS_TEACHER = set(DISTILL_METHODS)
 
 
 def needs_teacher_adv(cfg: LossConfig) -> bool:

@@ -1,6 +1,6 @@
 """Soft-label shards: Arrow IPC schema, atomic part writer, manifest, verification, memory-mapped reader.
 
-A shard directory (DESIGN section 4)::
+A shard directory (docs/design.md §4)::
 
     manifest.json       format version, dataset + split, teacher (id, arch, sha256), attack config,
                         views per sample, classes, image shape, augmentation, parts (file, rows,

@@ -1,4 +1,4 @@
-"""MLflow tracking: runs, params, per-epoch metrics, reports, models, registry (DESIGN section 6).
+"""MLflow tracking: runs, params, per-epoch metrics, reports, models, registry (docs/design.md §6).
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<absolute cwd>/mlflow.db`` -- always
 absolute, because Ray workers run in another directory. Models are logged as a pyfunc *from

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-# Keep any Ray a test starts on loopback, and quiet (DEVELOPERS.md; reference/ray-mlflow.md section 7).
+# Keep any Ray a test starts on loopback and quiet, and job clients on token auth (docs/design.md §5).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

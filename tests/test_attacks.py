@@ -94,7 +94,7 @@ def test_targeted_pgd_reaches_its_targets(trained_models, digits_test):
 
 
 def test_segpgd_weighting_is_a_noop_under_sign_steps_until_fooled():
-    """DESIGN section 3 trap: positive per-sample weights cancel in sign(); equal runs while nothing is fooled."""
+    """docs/design.md §3 trap: positive per-sample weights cancel in sign(); equal runs while nothing is fooled."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
     x = torch.rand(16, 1, 4, 4)

@@ -58,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "w_nat": {"type": "uniform", "low": 0, "high": 0.3},
         "divergence": "kl",
     },
-    # everything, including the DPGD inner loss and step rule, the hard-label term and lr.
+    # everything the shards do not fix: the weights, the hard-label terms and lr. (The DPGD loss and
+    # schedule shape the shards' teacher views: sweep them by building shards per choice.)
     "wide": {
         "method": "dard", "rob_target": "teacher_nat",
         "temperature": {"type": "loguniform", "low": 1, "high": 20},
@@ -66,9 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "w_rob": {"type": "uniform", "low": 0, "high": 1},
         "w_nat": {"type": "uniform", "low": 0, "high": 1},
         "w_ce": {"type": "uniform", "low": 0, "high": 1},
+        "w_ce_adv": {"type": "uniform", "low": 0, "high": 1},
         "divergence": {"type": "choice", "values": ["kl", "dice"]},
-        "dpgd_loss": {"type": "choice", "values": ["dice", "ce", "dice+ce", "cw"]},
-        "dpgd_schedule": {"type": "choice", "values": ["constant", "cosine", "apgd"]},
         "lr": {"type": "loguniform", "low": 0.005, "high": 0.2},
     },
     # DARD on a TRADES backbone: the student's own robustness term plus the teacher's precomputed

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over DARD's temperature and loss weights (DESIGN section 6).
+"""Ray Tune sweeps over DARD's temperature and loss weights (docs/design.md §6).
 
 Each trial runs the cluster trainer (Train inside Tune, as Ray 2.5x+ documents it: a Tune
 function that builds a ``TorchTrainer`` with ``TuneReportCallback``; ``Tuner(trainer)`` is

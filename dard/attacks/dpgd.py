@@ -1,4 +1,4 @@
-"""DPGD: projected sign-gradient ascent on a Dice loss over the class distribution (DESIGN section 3).
+"""DPGD: projected sign-gradient ascent on a Dice loss over the class distribution (docs/design.md §3).
 
 The paper ("Dice Adversarial Robustness Distillation", arXiv 2509.11525) names DPGD a SegPGD-style
 attack adapted to classification with a dynamic step size and channel-wise gradient masking; its
@@ -13,7 +13,7 @@ schedule ``constant | cosine | apgd`` (the "dynamic step size"), channel mask, r
 
 SegPGD's correct/fooled weighting (``segpgd_weighting``) is kept off by default: under sign
 steps a positive per-sample weight cancels, so its only effect is freezing fooled samples while
-lambda_t = 0 (DESIGN section 3, "trap").
+lambda_t = 0 (docs/design.md §3, "trap").
 
 Measured (``benchmarks/dpgd_variants.py``, digits test split, 359 samples, eps 0.2, step 0.05,
 10 steps, same random start as PGD; accuracy %, lower = stronger attack)::
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dard.attacks.pgd import cw_margin_loss, projected_gradient_attack
+from dard.config import DPGD_LOSSES
 
-INNER_LOSSES = ("dice", "ce", "dice+ce", "cw")
+INNER_LOSSES = DPGD_LOSSES
 
 
 def dice_loss(probs: torch.Tensor, target_probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

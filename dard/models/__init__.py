@@ -1,10 +1,10 @@
 """Model registry: small CNNs (digits), ResNet-18, MobileNetV2, WideResNet (RobustBench keys)."""
 from dard.models import mobilenetv2, resnet, small_cnn, wideresnet  # noqa: F401  (registration)
 from dard.models.io import ModelFileError, NonFiniteWeightsError, file_sha256, load_model, load_teacher, save_model
-from dard.models.registry import Normalize, available, build, count_parameters
+from dard.models.registry import Normalize, available, build, count_parameters, unwrap
 
 __all__ = ["ModelFileError", "NonFiniteWeightsError", "Normalize", "available", "build", "build_for", "count_parameters",
-           "file_sha256", "load_model", "load_teacher", "save_model"]
+           "file_sha256", "load_model", "load_teacher", "save_model", "unwrap"]
 
 
 def build_for(model_cfg, dataset: str):

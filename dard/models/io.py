@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dard.models.registry import build
+from dard.models.registry import build, unwrap
 
 FORMAT = "dard-model/1"
 
@@ -42,7 +42,7 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: in
                dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)
     check_finite(model.state_dict(), f"model for {path}")
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,

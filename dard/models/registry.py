@@ -9,6 +9,14 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper; the model itself otherwise.
+
+    Attacks, validation and saving use the bare module: through DDP an input-only backward
+    pass would arm the gradient reducer without ever firing it."""
+    return getattr(model, "module", model)
+
+
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = fn
