@@ -47,6 +47,14 @@ def small_train_cfg(tmp_path, epochs=3):
                          run={"eval_limit": 60})
 
 
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback
+    return (mapped or address).is_loopback
+
+
 class ListeningSockets:
     """Polls, in a thread, the TCP sockets that this process and its descendants (Ray's daemons,
     the DDP workers) listen on; ``exposed`` collects those bound beyond loopback."""
@@ -66,7 +74,7 @@ class ListeningSockets:
             for c in psutil.net_connections(kind="tcp"):
                 if c.status == psutil.CONN_LISTEN and c.pid in pids:
                     self.seen.add((c.laddr.ip, c.laddr.port))
-                    if not (c.laddr.ip.startswith("127.") or c.laddr.ip == "::1"):
+                    if not _loopback(c.laddr.ip):
                         self.exposed.add((c.laddr.ip, c.laddr.port, " ".join(psutil.Process(c.pid).cmdline())[:80]))
             self._stop.wait(0.3)
 
