@@ -248,7 +248,7 @@ def validate(cfg: Config) -> None:
     need(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
     need(_finite(o.lr) and o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"unknown {o.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     need(all(0 < f < 1 for f in o.milestones), "optim.milestones", f"fractions of training must be in (0, 1), got {list(o.milestones)}")
     need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda") or r.device == "mps",

@@ -322,12 +322,13 @@ def show(tracking_uri: str, name: str) -> list[dict]:
 
     import mlflow
 
-    client = MlflowClient(tracking_uri=check_tracking_uri(tracking_uri))
+    uri = check_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
     try:
         model = client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as err:
         known = [m.name for m in client.search_registered_models()]
-        raise TrackingError(f"no registered model {name!r} in {absolute_uri(tracking_uri)}; registered: "
+        raise TrackingError(f"no registered model {name!r} in {uri}; registered: "
                             f"{', '.join(known) or 'none'}") from err
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
