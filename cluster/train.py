@@ -128,6 +128,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{k}={metrics[k]:.4g}" for k in ("train_loss", "val_natural_acc", "val_pgd_acc",
                                                       "train_images_per_s") if k in metrics), flush=True)
             ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
+    if checkpoint and start_epoch >= cfg.optim.epochs and history:
+        # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
+        # its result): report that epoch again, or Tune would see the trial end with no result.
+        if rank == 0:
+            tracker.log(history[-1], start_epoch - 1)
+        ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
 
 

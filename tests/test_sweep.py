@@ -89,7 +89,7 @@ def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
     args = sweep_args(sweep_env, "resumable", "--trials", "2", "--no-promote", "--grace-period", "2", epochs=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_uri=sweep_env["uri"])
 
     def resumable_children():
@@ -103,9 +103,14 @@ def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
             break
         time.sleep(2)
     time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("dard sweep: interrupted: sweep resumable interrupted after 1 of 2 trials; "
+                                            "nothing registered. Continue it with --resume --name resumable")
     parents, children = resumable_children()
+    assert len(parents) == 1 and parents[0].info.status == "RUNNING"  # not closed: the sweep is not over
+    assert not any(k.startswith("best.") for k in parents[0].data.tags)
     finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
     assert len(finished_before) == 1
 
@@ -115,6 +120,7 @@ def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
     finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
     assert len(set(finished)) == 2 and len(finished) == 2  # N trials in total, the finished one not re-run
     assert finished_before <= set(finished)
+    assert parents[0].info.status == "FINISHED" and any(k.startswith("best.") for k in parents[0].data.tags)
 
 
 def test_bad_inputs_fail_before_any_trial(sweep_env, capsys):

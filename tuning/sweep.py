@@ -46,6 +46,30 @@ class SweepResult:
     experiment_path: str
 
 
+def _ended_trials_callback():
+    from ray.tune import Callback
+
+    class EndedTrials(Callback):
+        """Trials started in this ``fit`` that never completed or failed: the ones Ctrl-C stopped.
+
+        Tune's shutdown stops them without ``on_trial_complete`` (that hook fires for a trial
+        that reached its last epoch or that ASHA stopped) and then marks them TERMINATED.
+        """
+
+        def __init__(self):
+            self.live: set[str] = set()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.live.add(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.live.discard(trial.trial_id)
+
+        on_trial_error = on_trial_complete
+
+    return EndedTrials()
+
+
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: apply the point, train with DDP, log to an MLflow child run."""
     import ray.tune
@@ -129,9 +153,12 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
            "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
            "cpus_per_worker": cpus_per_worker}
     trainable = tune.with_resources(_trial, {"cpu": 0.01})
+    watcher = _ended_trials_callback()
     if resume:
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space={**to_tune(space_dict), "_ctx": ctx})
+        # Tuner.restore takes no run config; the restored one carries the last run's watcher.
+        tuner._local_tuner.get_run_config().callbacks = [watcher]
     else:
         tuner = tune.Tuner(
             trainable,
@@ -142,14 +169,17 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
                 search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space_dict.values()) else None,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                         grace_period=min(grace_period, cfg.optim.epochs))),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[watcher],
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
-    # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid. That is not a
-    # result: nothing is selected, registered or closed, so `--resume` continues the same sweep.
-    if grid.num_terminated + grid.num_errors < max(trials, len(grid)):
-        raise SweepInterrupted(f"sweep {name} interrupted after {grid.num_terminated} of {max(trials, len(grid))} "
-                               f"trials; nothing registered. Continue it with --resume --name {name}")
+    # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped
+    # trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
+    # registered or closed, so `--resume` continues the same sweep.
+    planned = max(trials, len(grid))
+    ended = grid.num_terminated + grid.num_errors - len(watcher.live)
+    if watcher.live or ended < planned:
+        raise SweepInterrupted(f"sweep {name} interrupted after {ended} of {planned} trials; nothing registered. "
+                               f"Continue it with --resume --name {name}")
     # The best trial among those that ran every epoch: a trial ASHA stopped early has an
     # earlier-epoch score (not comparable) and no logged model.
     finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
