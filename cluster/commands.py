@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
+from dard.logs import to_file
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.run_dir:
         cfg.run.out_dir = args.run_dir
+    to_file(cfg.run.out_dir)
     tracking = None
     logger = None
     if not args.no_tracking:
@@ -72,9 +74,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     kw = {"out": args.out, "fresh": args.fresh, "tracking_uri": args.tracking_uri, "address": args.address}
     settings = DemoSettings.quick(**kw) if args.quick else DemoSettings(**kw)
-    for name in ("teacher_epochs", "student_epochs", "workers", "aa_limit"):
+    for name in ("teacher_arch", "teacher_epochs", "student_epochs", "workers", "aa_limit"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    settings.teacher_aa = args.teacher_aa
+    to_file(settings.out)
     run_demo(settings)
     return 0
 
@@ -85,7 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by the tests)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--teacher-arch", help="teacher architecture (default cnn_medium)")
     p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--teacher-aa", action="store_true", help="AutoAttack on the teacher too (minutes on a CPU)")
     p.add_argument("--student-epochs", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--aa-limit", type=int, help="AutoAttack on the first N test samples")

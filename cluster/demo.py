@@ -1,19 +1,24 @@
 """`dard demo`: the whole system on the embedded digits, in one go, on a laptop.
 
 Stages (each reused on a re-run unless ``--fresh``; each shows progress):
-1. a robust teacher (TRADES, cnn_large)
+1. a robust teacher (TRADES, cnn_medium, 15 epochs: the demo's budget; the benchmark teacher is
+   ``dard.config.TEACHER_DEFAULTS``), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
+   and verified by sha256 before reuse
 2. teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)
 3. the DARD student with Ray Train, 2 DDP workers, from the shards
 4. a SAT student, same architecture, epochs, workers and data (the baseline at equal budget)
-5. the full attack suite on the test split for teacher, DARD and SAT students
+5. the full attack suite on the test split for the DARD and SAT students (AutoAttack standard,
+   the headline); the teacher without AutoAttack unless ``--teacher-aa``
 6. MLflow: a run per model with metrics and reports; the DARD student registered as
    ``dard-digits-<arch>`` (champion only if it beats the current one)
 7. a side-by-side table, and where the MLflow UI, shards and checkpoints are
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,8 +26,9 @@ from pathlib import Path
 
 from dard.config import NUM_CLASSES, Config, teacher_config
 from dard.data import load_splits, to_float
+from dard.logs import LOG_FILE
 from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
-from dard.models import load_model
+from dard.models import file_sha256, load_model
 from dard.shards import ShardError, verify
 from dard.tracking import METRIC, EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote
 
@@ -32,8 +38,10 @@ log = logging.getLogger("dard")
 @dataclass
 class DemoSettings:
     out: str = "runs/demo"
-    teacher_epochs: int | None = None  # None: the dataset's teacher recipe (dard.config.TEACHER_DEFAULTS)
-    student_epochs: int = 30
+    teacher_arch: str = "cnn_medium"
+    teacher_epochs: int = 15
+    teacher_aa: bool = False  # AutoAttack on the teacher too (minutes on a CPU)
+    student_epochs: int = 12
     workers: int = 2
     views: int = 2
     aa_limit: int = 200
@@ -59,39 +67,67 @@ def _done(started: float, detail: str = "") -> None:
     print(f"      done in {time.time() - started:.0f} s{': ' + detail if detail else ''}", flush=True)
 
 
+def teacher_cache_dir() -> Path:
+    return Path(os.environ.get("DARD_CACHE") or Path.home() / ".cache" / "dard") / "teachers"
+
+
+def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
+    """The teacher for ``cfg``'s recipe: reused from the cache when its sha256 checks, else trained.
+
+    Returns (model path, what happened). The cache key is the recipe (every config field but
+    the output folder), so another recipe never reuses this teacher."""
+    from dard.training import fit
+
+    recipe = {k: v for k, v in cfg.to_dict().items() if k != "run"} | {"seed": cfg.run.seed}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    folder = teacher_cache_dir() / f"digits-{cfg.model.arch}-{key}"
+    model, record = folder / "model.pt", folder / "model.sha256"
+    if not fresh and model.exists() and record.exists():
+        if file_sha256(model) == record.read_text().strip():
+            return model, f"reused {model} (sha256 verified)"
+        log.warning("cached teacher %s does not match its sha256; training it again", model)
+    cfg.run.out_dir = str(folder)
+    fit(cfg, resume=not fresh)  # an interrupted demo continues the teacher from its checkpoint
+    record.write_text(file_sha256(model) + "\n")
+    return model, f"trained {model}"
+
+
 def run_demo(s: DemoSettings) -> dict:
     from cluster.precompute import precompute
     from cluster.train import train_distributed
     from dard.tracking import default_tracking_uri
-    from dard.training import fit
 
     out = Path(s.out).absolute()
     if s.fresh and out.exists():
-        shutil.rmtree(out)
+        for child in out.iterdir():  # all but the log this run is writing
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child.name != LOG_FILE:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     uri = check_tracking_uri(s.tracking_uri or default_tracking_uri())
     data = {"limit_train": s.limit_train}
     summary: dict = {"out": str(out), "tracking_uri": uri}
 
-    teacher_cfg = teacher_config("digits", data=data, run={"out_dir": str(out / "teacher")})
-    teacher_cfg.optim.epochs = s.teacher_epochs or teacher_cfg.optim.epochs
+    teacher_cfg = teacher_config("digits", data=data, model={"arch": s.teacher_arch}, optim={"epochs": s.teacher_epochs})
     t = _stage(1, f"robust teacher: {teacher_cfg.loss.method.upper()} {teacher_cfg.model.arch} on digits, "
                   f"{teacher_cfg.optim.epochs} epochs")
-    teacher_path = out / "teacher" / "model.pt"
-    if teacher_path.exists():
-        _done(t, f"reused {teacher_path}")
-    else:
-        fit(teacher_cfg, resume=True)  # an interrupted demo continues the teacher from its checkpoint
-        _done(t, str(teacher_path))
+    teacher_path, what = _cached_teacher(teacher_cfg, s.fresh)
+    _done(t, what)
 
     student_cfg = Config.for_dataset("digits", data=data, optim={"epochs": s.student_epochs},
                                      run={"out_dir": str(out / "dard")})
     shards = out / "shards"
     t = _stage(2, f"teacher soft labels on natural + DPGD views ({s.views} per sample) -> Arrow shards, Ray tasks")
     try:
-        verify(str(shards))
+        if verify(str(shards))["teacher"].get("sha256") != file_sha256(teacher_path):
+            raise ShardError("made by another teacher")
         _done(t, f"reused {shards}")
     except ShardError:
+        shutil.rmtree(shards, ignore_errors=True)
+        for method in ("dard", "sat"):  # students (and checkpoints) of other shards are not this run's
+            (out / method / "model.pt").unlink(missing_ok=True)
+            shutil.rmtree(out / "ray" / f"demo-{method}", ignore_errors=True)
         result = precompute(student_cfg, teacher_path, str(shards), views=s.views, rows_per_part=512,
                             address=s.address)
         _done(t, f"{result.manifest['rows']} rows in {len(result.manifest['parts'])} parts, {shards}")
@@ -116,13 +152,15 @@ def run_demo(s: DemoSettings) -> dict:
                      f"PGD-10 {100 * result.metrics['val_pgd_acc']:.1f}%")
         students[method] = (model_path, cfg, logger)
 
-    t = _stage(5, "the attack suite on the test split: " + ", ".join(ATTACKS))
+    t = _stage(5, "the attack suite on the test split: " + ", ".join(ATTACKS)
+               + ("" if s.teacher_aa else " (the teacher without AutoAttack; --teacher-aa adds it)"))
     test = load_splits(student_cfg.data).test
     x, y = to_float(test.images), test.labels
     reports = {}
     for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
         model, header = load_model(path)
-        settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size,
+        attacks = ATTACKS if name != "teacher" or s.teacher_aa else tuple(a for a in ATTACKS if a != "autoattack")
+        settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size, attacks=attacks,
                                 limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=NUM_CLASSES["digits"])
         report = evaluate_model(model, x, y, settings)
         report.meta = {"model": name, "arch": header["arch"], "dataset": "digits", "split": "test"}
@@ -150,8 +188,9 @@ def run_demo(s: DemoSettings) -> dict:
     print(f"\nMLflow UI:    dard ui --tracking-uri {uri}   (or: mlflow ui --backend-store-uri {uri})")
     print(f"registry:     dard registry show {promotion.name} --tracking-uri {uri}")
     print(f"shards:       dard shards inspect {shards}")
-    print(f"checkpoints:  {out / 'ray'} (Ray Train), models {out}/{{teacher,dard,sat}}/model.pt")
+    print(f"checkpoints:  {out / 'ray'} (Ray Train), students {out}/{{dard,sat}}/model.pt, teacher {teacher_path}")
     print(f"reports:      {out / 'reports'}/*.html")
+    print(f"log:          {out / LOG_FILE} (library messages; --verbose shows them here)")
     (out / "results.md").write_text(table + "\n")
     summary.update(table=table, reports={k: v[0].to_dict() for k, v in reports.items()},
                    promotion=promotion.__dict__, warnings=warnings)
@@ -159,12 +198,20 @@ def run_demo(s: DemoSettings) -> dict:
 
 
 def side_by_side(reports: dict) -> str:
+    """Accuracy per attack (rows) and model (columns); "—" where a model was not attacked so."""
     names = list(reports)
-    attacks = [a for a in ATTACKS if all(a in r.accuracy for r in reports.values())]
+    attacks = [a for a in ATTACKS if any(a in r.accuracy for r in reports.values())]
     head = f"{'accuracy (%)':<13}" + "".join(f"{n:>10}" for n in names)
     lines = [head, "-" * len(head)]
     for a in attacks:
-        lines.append(f"{a:<13}" + "".join(f"{100 * reports[n].accuracy[a]:>10.1f}" for n in names))
-    n_aa = {r.samples.get("autoattack") for r in reports.values()}
-    lines.append(f"(test split, eps 0.2; AutoAttack on the first {n_aa.pop()} samples)")
+        lines.append(f"{a:<13}" + "".join(f"{100 * reports[n].accuracy[a]:>10.1f}" if a in reports[n].accuracy
+                                          else f"{'—':>10}" for n in names))
+    n = {r.samples["natural"] for r in reports.values()}.pop()
+    aa = {name: r.samples["autoattack"] for name, r in reports.items() if "autoattack" in r.samples}
+    note = f"test split, eps 0.2, {n} samples"
+    if aa:
+        note += f"; AutoAttack (standard) on the first {set(aa.values()).pop()}"
+        if len(aa) < len(reports):
+            note += f", not run on {', '.join(k for k in reports if k not in aa)}"
+    lines.append(f"({note})")
     return "\n".join(lines)

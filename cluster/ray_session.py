@@ -15,6 +15,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     if address is None:
         # Without this Ray binds the machine's network address (dashboard included).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # The local Ray's processes inherit these. Train's print patch logs every print a second
+        # time (each epoch line twice on the console); its preemption watcher (spot nodes) has
+        # nothing to watch on one machine and logs an ERROR line from its actor at every fit.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
     if ray.is_initialized():

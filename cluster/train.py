@@ -57,9 +57,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    # Ray Train V2 logs every report of every rank at INFO ("Reporting training result ..."),
-    # whatever LoggingConfig says; the rank-0 epoch line below is the one a person reads.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train V2 logs every report of every rank at INFO ("Reporting training result ...") on
+    # a logger named after its file, whatever LoggingConfig says; the rank-0 epoch line below is
+    # the one a person reads, so libraries in a worker say warnings only.
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -338,11 +338,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose:  # MLflow's INFO lines (table creation, migrations) are not the user's business
+    from dard import logs
+
+    logs.setup(args.verbose)
+    if not args.verbose:  # MLflow's INFO lines (table creation, migrations) and artifact bars are not the user's business
         import os
 
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         logging.getLogger("mlflow").setLevel(logging.ERROR)  # if it was imported already
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:

@@ -140,7 +140,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings:
                 n = settings.autoattack_limit or len(y)
                 result = autoattack(model, x[:n], y[:n], eps=settings.eps, num_classes=settings.num_classes,
                                     version=settings.autoattack_version, batch_size=settings.batch_size,
-                                    seed=settings.seed, device=device)
+                                    seed=settings.seed, device=device, progress=progress)
                 correct[name] = result.robust
             else:
                 correct[name] = correct_under(model, x, y, fns[name], settings.batch_size)

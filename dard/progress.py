@@ -2,17 +2,33 @@
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 
 class _Bar:
-    def __init__(self, total: int | None, desc: str, enabled: bool):
+    """``tick``: redraw every ``tick`` seconds, so that elapsed time moves during a long unit
+    (one AutoAttack attack can take a minute on a CPU)."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool, tick: float | None = None):
         self._bar = None
+        self._stop = threading.Event()
         if enabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+            if tick:
+                threading.Thread(target=self._tick, args=(tick,), daemon=True).start()
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._bar.refresh()
+
+    def note(self, **postfix) -> None:
+        """Show ``postfix`` without advancing."""
+        if self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=True)
 
     def update(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:
@@ -22,13 +38,14 @@ class _Bar:
                                       refresh=False)
 
     def close(self) -> None:
+        self._stop.set()
         if self._bar is not None:
             self._bar.close()
 
 
 @contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool = True) -> Iterator[_Bar]:
-    bar = _Bar(total, desc, enabled)
+def progress_bar(total: int | None, desc: str, enabled: bool = True, tick: float | None = None) -> Iterator[_Bar]:
+    bar = _Bar(total, desc, enabled, tick)
     try:
         yield bar
     finally:

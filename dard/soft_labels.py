@@ -39,7 +39,7 @@ def compute_part(teacher: nn.Module, ds: ArrayDataset, sample_indices: np.ndarra
     """
     device = torch.device(device)
     teacher = teacher.to(device).eval()
-    idx = torch.as_tensor(sample_indices, dtype=torch.long)
+    idx = torch.from_numpy(np.array(sample_indices, dtype=np.int64))  # a copy: Ray hands out read-only arrays
     images, labels = ds.images[idx], ds.labels[idx]
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in
                                            ("index", "view", "label", "crop_dx", "crop_dy", "flip", "x", "delta",

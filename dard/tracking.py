@@ -8,6 +8,8 @@ cannot run code here.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -296,7 +298,8 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
     if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
         v = earlier[0]
         return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name).version
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
+        version = mlflow.register_model(f"runs:/{run_id}/model", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
             "dard.config": json.dumps(cfg.to_dict()), "dard.run_id": run_id}
     for k, v in tags.items():

@@ -8,6 +8,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The demo's teacher cache: one per test session, never the user's ~/.cache.
+os.environ.setdefault("DARD_CACHE", __import__("tempfile").mkdtemp(prefix="dard-cache-"))
 
 import pytest
 import torch
@@ -44,6 +46,16 @@ def trained_models(tmp_path_factory):
         cfg = digits_config(tmp, model={"arch": arch}, loss={"method": method}, optim={"epochs": epochs})
         out[name] = fit(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that runs Ray in this process (starting one costs ~10 s)."""
+    from cluster.ray_session import ensure_ray
+
+    ray = ensure_ray(num_cpus=2, quiet=True)
+    yield ray
+    ray.shutdown()
 
 
 def load(path):

@@ -1,33 +1,17 @@
-"""Ray: precompute tasks, 2-worker DDP with a killed worker, a real `ray job submit`, two nodes."""
+"""Ray: precompute tasks, 2-worker DDP with a killed worker, two nodes. (`ray job submit` to a
+head that `ray up` started over SSH: tests/test_ray_up.py.)"""
 import json
-import os
-import signal
-import socket
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    from cluster.ray_session import ensure_ray
-
-    ray = ensure_ray(num_cpus=2, quiet=True)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -124,58 +108,6 @@ def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
     cfg.attack.step_size = 0.05
     with pytest.raises(ShardError, match="attack eps"):
         train_distributed(cfg, ray_shards, workers=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_job_submission_to_a_started_cluster(ray_shards, tmp_path):
-    """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m cluster.jobs.train ...`."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-    gcs, dash = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    # Every agent port explicit: the defaults (52365, ...) are held by this session's own Ray.
-    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                           "metrics-export-port", "runtime-env-agent-port",
-                                                           "ray-client-server-port")]
-    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", *agent_ports,
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             "--object-store-memory=300000000", f"--temp-dir={temp_dir}"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
-        while True:  # wait for the dashboard's job API
-            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=env, capture_output=True, text=True)
-            if probe.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert probe.returncode == 0, probe.stderr[-2000:]
-        out = tmp_path / "job-student.pt"
-        excludes = json.dumps({"excludes": [".venv", ".git", "runs", "*.db", "mlruns"]})
-        command = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json", excludes,
-                   "--", sys.executable, "-m", "cluster.jobs.train", "--shards", ray_shards, "--epochs", "1",
-                   "--workers", "1", "--limit-train", "256", "--steps", "2", "--no-tracking", "--no-progress",
-                   "--out", str(out), "--run-dir", str(tmp_path / "job-run"), "--name", "job-test"]
-        for _ in range(20):  # the head's job agent comes up a few seconds after its API
-            job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in job.stderr:
-                break
-            time.sleep(3)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        assert out.exists()
-        assert list((tmp_path / "job-run" / "ray" / "job-test").glob("checkpoint_*/checkpoint.pt"))
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 MULTI_NODE_SCRIPT = textwrap.dedent("""

@@ -1,12 +1,16 @@
 """`dard demo --quick` end to end (Ray, MLflow, registry), then a re-run that reuses finished stages."""
 import pytest
+import torch
 
+from cluster.demo import _cached_teacher, teacher_cache_dir
+from dard.config import teacher_config
+from dard.models import load_model
 from dard.cli import main
 
 pytestmark = pytest.mark.ray
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def test_demo_quick_end_to_end(ray_session, tmp_path, capsys):
     out, uri = tmp_path / "demo", f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["demo", "--quick", "--out", str(out), "--tracking-uri", uri]) == 0
     printed = capsys.readouterr().out
@@ -14,9 +18,35 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "DARD" in table and "SAT" in table and "pgd20" in table and "natural" in table
     assert all(f"[{i}/7]" in printed for i in range(1, 8))
     for name in ("teacher", "dard", "sat"):
-        assert (out / "reports" / f"{name}.html").exists() and (out / name / "model.pt").exists()
+        assert (out / "reports" / f"{name}.html").exists()
+    assert (out / "dard" / "model.pt").exists() and (out / "sat" / "model.pt").exists()
+    assert "autoattack" in table and "not run on teacher" in table  # the students' headline, not the teacher's
+    assert (out / "dard.log").exists()
+    (cached,) = teacher_cache_dir().glob("digits-cnn_medium-*/model.pt")
     assert (out / "shards" / "manifest.json").exists()
     assert "dard-digits-cnn_small" in printed
     # a re-run reuses teacher, shards and students
     assert main(["demo", "--quick", "--out", str(out), "--tracking-uri", uri]) == 0
-    assert printed.count("reused") == 0 and capsys.readouterr().out.count("reused") == 4
+    printed_again = capsys.readouterr().out
+    assert printed.count("reused") == 0 and printed_again.count("reused") == 4
+    assert f"reused {cached} (sha256 verified)" in printed_again
+
+
+def test_cached_teacher_is_reused_only_when_its_hash_and_recipe_match(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARD_CACHE", str(tmp_path))
+
+    def recipe(epochs=1):
+        return teacher_config("digits", model={"arch": "cnn_small"}, optim={"epochs": epochs},
+                              data={"limit_train": 256}, run={"progress": False})
+
+    path, what = _cached_teacher(recipe(), fresh=False)
+    assert what == f"trained {path}" and path.is_relative_to(tmp_path)
+    assert _cached_teacher(recipe(), fresh=False) == (path, f"reused {path} (sha256 verified)")
+    weights = load_model(path)[0].state_dict()
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
+    assert _cached_teacher(recipe(), fresh=False)[1] == f"trained {path}"
+    again = load_model(path)[0].state_dict()  # rebuilt from its last checkpoint: the same teacher
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    other, what = _cached_teacher(recipe(epochs=2), fresh=False)
+    assert other != path and what == f"trained {other}"

@@ -178,7 +178,7 @@ def test_ray_up_over_ssh_runs_jobs_and_tears_down(trained_models, tmp_path):
             return job
 
         refused = submit("cluster.jobs.train", "--help", job_env={**env, "RAY_AUTH_MODE": "disabled"})
-        assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+        assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
 
         # `python` resolves to the venv: the start command put it first on the head's PATH
         job = submit("cluster.jobs.precompute", "--teacher", trained_models["teacher"]["model_path"],
@@ -195,6 +195,7 @@ def test_ray_up_over_ssh_runs_jobs_and_tears_down(trained_models, tmp_path):
 
         cfg = Config.for_dataset("digits", data={"limit_train": 256}, attack={"steps": 2})
         assert len(open_shards(str(shards), cfg, check="full")) == 256  # every part's checksum verified
+        assert list((tmp_path / "run" / "ray" / "up-test").glob("checkpoint_*/checkpoint.pt"))
         _, header = load_model(student)
         assert header["meta"]["method"] == "dard" and header["meta"]["final_metrics"]["world_size"] == 2
     finally:

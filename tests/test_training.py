@@ -50,7 +50,7 @@ def test_distillation_needs_a_teacher(tmp_path):
 @pytest.mark.slow
 def test_dard_student_is_more_robust_than_a_natural_student(trained_models, tmp_path):
     teacher = trained_models["teacher"]["model_path"]
-    dard = fit(digits_config(tmp_path / "dard", loss={"method": "dard"}, optim={"epochs": 12}), teacher_path=teacher)
+    dard = fit(digits_config(tmp_path / "dard", loss={"method": "dard"}, optim={"epochs": 6}), teacher_path=teacher)
     assert dard["val_pgd_acc"] > trained_models["natural"]["val_pgd_acc"] + 0.1, dard
     meta = torch.load(dard["model_path"], weights_only=True)["meta"]
     assert meta["teacher"]["arch"] == "cnn_large" and len(meta["teacher"]["sha256"]) == 64

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
+from dard.logs import to_file
 from dard.tracking import METRIC
 
 
@@ -24,6 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.run_dir:
         cfg.run.out_dir = args.run_dir
     uri = _uri(args)
+    to_file(Path(args.storage_path or Path(cfg.run.out_dir) / "sweeps") / args.name)
     result = sweep(cfg, args.shards, args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
                    name=args.name, storage_path=args.storage_path, tracking_uri=uri, experiment=args.experiment,
                    resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,

@@ -64,8 +64,16 @@ def _ended_trials_callback():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.live.discard(trial.trial_id)
+            result = trial.last_result or {}
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in trial.config.items() if k not in ("_ctx", "method"))
+            score = f"{100 * result[OBJECTIVE]:.1f}%" if OBJECTIVE in result else "n/a"
+            print(f"trial {trial.trial_id}: {result.get('training_iteration', 0)} epochs, "
+                  f"validation robust accuracy {score} ({params})", flush=True)
 
-        on_trial_error = on_trial_complete
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.live.discard(trial.trial_id)
+            print(f"trial {trial.trial_id}: failed ({trial.error_file or 'see the sweep folder'})", flush=True)
 
     return EndedTrials()
 
@@ -158,7 +166,8 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space={**to_tune(space_dict), "_ctx": ctx})
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
-        tuner._local_tuner.get_run_config().callbacks = [watcher]
+        restored = tuner._local_tuner.get_run_config()
+        restored.callbacks, restored.verbose = [watcher], 1 if log.isEnabledFor(logging.INFO) else 0
     else:
         tuner = tune.Tuner(
             trainable,
@@ -169,7 +178,10 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
                 search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space_dict.values()) else None,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                         grace_period=min(grace_period, cfg.optim.epochs))),
+            # Tune's status table (every parameter, every few seconds) only with --verbose; the
+            # console gets the epoch lines and one line per finished trial (the watcher).
             run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[watcher],
+                                      verbose=1 if log.isEnabledFor(logging.INFO) else 0,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
     # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped

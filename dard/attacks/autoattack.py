@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dard.attacks.pgd import frozen
+from dard.progress import progress_bar
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -32,13 +33,15 @@ class AutoAttackResult:
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, num_classes: int,
                version: str = "standard", attacks: tuple[str, ...] | None = None, batch_size: int = 256,
-               seed: int = 0, device: str | torch.device = "cpu") -> AutoAttackResult:
+               seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> AutoAttackResult:
     """Run AutoAttack L-inf on ``x`` (N, C, H, W) in [0, 1] with labels ``y`` (N,).
 
     ``num_classes`` is the model's real class count: the targeted attacks use
     ``min(9, num_classes - 1)`` target classes (9 is the standard; fewer classes than 10 would
     otherwise fail, and CIFAR-100 models must not be treated as 10-class ones).
     ``attacks`` given -> version ``custom`` with that subset (e.g. ``("apgd-ce", "square")``).
+    ``progress``: a bar that advances per attack, names the attack and batch, and redraws every
+    second (elapsed time and the estimate keep moving during a long attack).
     """
     from pyautoattack import AutoAttack
 
@@ -53,9 +56,10 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
     per_attack: dict[str, float] = {}
-    with frozen(model), torch.no_grad():
-        # AutoAttack's per-attack accuracies go to its logger; capture them for the report.
-        handler = _CaptureAccuracies(per_attack)
+    names = list(attacks) if attacks is not None else list(adversary.attacks_to_run)
+    with frozen(model), torch.no_grad(), progress_bar(len(names), "AutoAttack", enabled=progress, tick=1.0) as bar:
+        # AutoAttack's per-attack accuracies and progress go to its logger: capture them.
+        handler = _CaptureAccuracies(per_attack, bar)
         logger = logging.getLogger("auto-attack")
         logger.addHandler(handler)
         previous_level, previous_propagate = logger.level, logger.propagate
@@ -75,11 +79,12 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
 
 
 class _CaptureAccuracies(logging.Handler):
-    """Parses 'robust accuracy after APGD-CE: 71.20% ...' lines into {attack: accuracy}."""
+    """Parses AutoAttack's log: 'robust accuracy after APGD-CE: 71.20% ...' into {attack:
+    accuracy}; 'running apgd-t' and 'apgd-t - 1/2 - ...' into the progress bar."""
 
-    def __init__(self, sink: dict[str, float]):
+    def __init__(self, sink: dict[str, float], bar):
         super().__init__(logging.DEBUG)
-        self.sink = sink
+        self.sink, self.bar = sink, bar
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
@@ -88,4 +93,10 @@ class _CaptureAccuracies(logging.Handler):
             try:
                 self.sink[name.strip().lower()] = float(rest.strip().split("%")[0]) / 100
             except ValueError:
-                pass
+                return
+            self.bar.update(1, robust=f"{rest.strip().split('%')[0]}%")
+        elif msg.startswith("running "):
+            self.bar.note(attack=msg[len("running "):])
+        elif " successfully perturbed" in msg:
+            attack, batch = msg.split(" - ")[:2]
+            self.bar.note(attack=attack, batch=batch)
