@@ -99,7 +99,7 @@ def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once the first trial has finished
         parents, children = resumable_children()
-        if any(c.info.status == "FINISHED" for c in children):
+        if any(c.data.metrics.get("epoch") == 1 for c in children):  # a trial logged its last epoch
             break
         time.sleep(2)
     time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)

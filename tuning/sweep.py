@@ -103,7 +103,10 @@ def _trial(config: dict[str, Any]) -> None:
             tracking={"uri": ctx["tracking_uri"], "run_id": tracker.run_id}, callbacks=[TuneReportCallback()],
             cpus_per_worker=ctx["cpus_per_worker"])
     except BaseException:
-        tracker.close("KILLED")
+        # Tune stops a trial right after its last report, sometimes after its worker closed the
+        # run FINISHED: keep that status (the sweep settles the rest, see _close_children).
+        if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
+            tracker.close("KILLED")
         raise
     # Nothing after training: ASHA stops a trial as soon as it reports its last epoch (max_t), so
     # the model is logged by the sweep driver for the best trial (see _log_best_model).
@@ -190,6 +193,9 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     planned = max(trials, len(grid))
     ended = grid.num_terminated + grid.num_errors - len(watcher.live)
     if watcher.live or ended < planned:
+        _close_children(uri, parent_run_id, {r.metrics.get("trial_id") for r in grid if r.metrics and
+                                              r.metrics.get("training_iteration") == cfg.optim.epochs},
+                        kill_open=False)  # the unfinished ones stay open: --resume continues them
         raise SweepInterrupted(f"sweep {name} interrupted after {ended} of {planned} trials; nothing registered. "
                                f"Continue it with --resume --name {name}")
     # The best trial among those that ran every epoch: a trial ASHA stopped early has an
@@ -204,10 +210,10 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
     best_params = {k: v for k, v in best.config.items() if k != "_ctx"}
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
+    _close_children(uri, parent_run_id, {r.metrics.get("trial_id") for r in finished})
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
     if best_run_id:
         _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params))
-    _close_stopped_children(uri, parent_run_id)
     _summarise_parent(uri, parent_run_id, best_params, best_metrics, len(grid))
     return SweepResult(best_params, best_metrics, best.metrics["checkpoint_path"], best_run_id, parent_run_id,
                        len(grid), str(experiment_path))
@@ -231,19 +237,38 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) ->
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 
-def _close_stopped_children(uri: str, parent_run_id: str) -> None:
-    """Trials that ASHA stopped mid-training never closed their run: mark them KILLED."""
+def _newest_child_per_trial(uri: str, parent_run_id: str) -> dict[str, Any]:
+    """trial id -> its newest child run (a trial re-run by ``--resume`` opens another one)."""
+    newest: dict[str, Any] = {}
+    for run in child_runs(uri, parent_run_id):
+        tid = run.data.tags.get("dard.trial_id")
+        if tid not in newest or run.info.start_time > newest[tid].info.start_time:
+            newest[tid] = run
+    return newest
+
+
+def _close_children(uri: str, parent_run_id: str, finished_trials: set[str], kill_open: bool = True) -> None:
+    """Final status of the trial runs: FINISHED for the newest run of each trial that ran every
+    epoch, KILLED for other runs still open (stopped by ASHA, or an execution that a resume
+    replaced).
+
+    The sweep decides, not the trial: Tune stops a trial as soon as it reports its last epoch,
+    which can interrupt the trial function before its worker closes the run (it then closes
+    it KILLED)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=absolute_uri(uri))
+    done = {r.info.run_id for tid, r in _newest_child_per_trial(uri, parent_run_id).items() if tid in finished_trials}
     for run in child_runs(uri, parent_run_id):
-        if run.info.status == "RUNNING":
+        if run.info.run_id in done and run.info.status != "FINISHED":
+            client.set_terminated(run.info.run_id, "FINISHED")
+        elif kill_open and run.info.run_id not in done and run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | None:
-    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get("dard.trial_id") == trial_id]
-    return runs[0].info.run_id if runs else None
+    run = _newest_child_per_trial(uri, parent_run_id).get(trial_id)
+    return run.info.run_id if run else None
 
 
 def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict, trials: int) -> None:
