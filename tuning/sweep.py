@@ -165,12 +165,13 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
            "cpus_per_worker": cpus_per_worker}
     trainable = tune.with_resources(_trial, {"cpu": 0.01})
     watcher = _ended_trials_callback()
+    tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
     if resume:
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space={**to_tune(space_dict), "_ctx": ctx})
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
         restored = tuner._local_tuner.get_run_config()
-        restored.callbacks, restored.verbose = [watcher], 1 if log.isEnabledFor(logging.INFO) else 0
+        restored.callbacks, restored.verbose = [watcher], tune_verbose
     else:
         tuner = tune.Tuner(
             trainable,
@@ -184,24 +185,24 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
             # Tune's status table (every parameter, every few seconds) only with --verbose; the
             # console gets the epoch lines and one line per finished trial (the watcher).
             run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[watcher],
-                                      verbose=1 if log.isEnabledFor(logging.INFO) else 0,
+                                      verbose=tune_verbose,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
     # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped
     # trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
     # registered or closed, so `--resume` continues the same sweep.
+    # The trials that ran every epoch: a trial ASHA stopped early has an earlier-epoch score
+    # (not comparable) and no logged model.
+    finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
+                and OBJECTIVE in r.metrics]
+    finished_ids = {r.metrics.get("trial_id") for r in finished}
     planned = max(trials, len(grid))
     ended = grid.num_terminated + grid.num_errors - len(watcher.live)
     if watcher.live or ended < planned:
-        _close_children(uri, parent_run_id, {r.metrics.get("trial_id") for r in grid if r.metrics and
-                                              r.metrics.get("training_iteration") == cfg.optim.epochs},
-                        kill_open=False)  # the unfinished ones stay open: --resume continues them
+        # the unfinished ones stay open: --resume continues them
+        _close_children(uri, parent_run_id, finished_ids, kill_open=False)
         raise SweepInterrupted(f"sweep {name} interrupted after {ended} of {planned} trials; nothing registered. "
                                f"Continue it with --resume --name {name}")
-    # The best trial among those that ran every epoch: a trial ASHA stopped early has an
-    # earlier-epoch score (not comparable) and no logged model.
-    finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
-                and OBJECTIVE in r.metrics]
     if not finished:
         seen = [(r.metrics or {}).get("training_iteration") for r in grid]
         errors = [str(r.error)[:300] for r in grid if r.error]
@@ -210,7 +211,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
     best_params = {k: v for k, v in best.config.items() if k != "_ctx"}
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
-    _close_children(uri, parent_run_id, {r.metrics.get("trial_id") for r in finished})
+    _close_children(uri, parent_run_id, finished_ids)
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
     if best_run_id:
         _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params))
@@ -237,10 +238,10 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) ->
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 
-def _newest_child_per_trial(uri: str, parent_run_id: str) -> dict[str, Any]:
+def _newest_child_per_trial(runs: list) -> dict[str, Any]:
     """trial id -> its newest child run (a trial re-run by ``--resume`` opens another one)."""
     newest: dict[str, Any] = {}
-    for run in child_runs(uri, parent_run_id):
+    for run in runs:
         tid = run.data.tags.get("dard.trial_id")
         if tid not in newest or run.info.start_time > newest[tid].info.start_time:
             newest[tid] = run
@@ -258,8 +259,9 @@ def _close_children(uri: str, parent_run_id: str, finished_trials: set[str], kil
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=absolute_uri(uri))
-    done = {r.info.run_id for tid, r in _newest_child_per_trial(uri, parent_run_id).items() if tid in finished_trials}
-    for run in child_runs(uri, parent_run_id):
+    runs = child_runs(uri, parent_run_id)
+    done = {r.info.run_id for tid, r in _newest_child_per_trial(runs).items() if tid in finished_trials}
+    for run in runs:
         if run.info.run_id in done and run.info.status != "FINISHED":
             client.set_terminated(run.info.run_id, "FINISHED")
         elif kill_open and run.info.run_id not in done and run.info.status == "RUNNING":
@@ -267,7 +269,7 @@ def _close_children(uri: str, parent_run_id: str, finished_trials: set[str], kil
 
 
 def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | None:
-    run = _newest_child_per_trial(uri, parent_run_id).get(trial_id)
+    run = _newest_child_per_trial(child_runs(uri, parent_run_id)).get(trial_id)
     return run.info.run_id if run else None
 
 
