@@ -44,12 +44,14 @@ VARIANTS = {
     "TRADES": ("trades", {}, "trades"),
     "ARD": ("ard", {}, "ard"),
     "RSLAD": ("rslad", {}, "rslad"),
-    "DARD": ("dard", {}, "dard-trades"),
-    "DARD w_adv=0 (no DPGD soft labels)": ("dard", {"loss": {"w_adv": 0.0}}, "dard-trades"),
-    "DARD w_nat=0": ("dard", {"loss": {"w_nat": 0.0}}, "dard-trades"),
-    "DARD PGD views instead of DPGD": ("dard", {"attack": {"dpgd_loss": "ce"}}, "dard-trades"),
-    "DARD target T(x_s) online": ("dard", {"loss": {"rob_target": "teacher_adv", "w_rob": 1.0, "w_ce": 0.0}},
-                                  "dard-trades"),
+    "DARD": ("dard", {}, "dard-sat"),
+    "DARD w_adv=0 (its SAT backbone alone)": ("dard", {"loss": {"w_adv": 0.0}}, "dard-sat"),
+    "DARD + w_nat 1/6": ("dard", {"loss": {"w_nat": 1 / 6}}, "dard-sat"),
+    "DARD PGD views instead of DPGD": ("dard", {"attack": {"dpgd_loss": "ce"}}, "dard-sat"),
+    "DARD TRADES backbone": ("dard", {"loss": {"rob_target": "self", "w_ce": 1.0, "trades_beta": 6.0}},
+                             "dard-trades"),
+    "DARD target T(x_s) online": ("dard", {"loss": {"rob_target": "teacher_adv", "w_rob": 1.0, "w_ce": 0.0,
+                                                    "w_ce_adv": 1.0}}, "dard-sat"),
     "DARD v0 (target T(x); 1/3 1/2 1/6)": ("dard", {"loss": {"rob_target": "teacher_nat", "w_adv": 1 / 3,
                                                              "w_rob": 1 / 2, "w_nat": 1 / 6, "w_ce": 0.0}}, None),
 }
@@ -133,7 +135,7 @@ def main() -> int:
                 continue
             method, over, preset = VARIANTS[name]
             start = base
-            if tuned and preset is not None:
+            if tuned and preset in tuned["presets"]:  # else the dataset's defaults
                 from tuning.space import apply
 
                 start = apply(base, tuned["presets"][preset]["best_params"])

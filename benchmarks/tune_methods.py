@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from dard.config import Config  # noqa: E402
 from dard.tracking import METRIC  # noqa: E402
 
-PRESETS = ("sat", "trades", "ard", "rslad", "dard-trades")
+PRESETS = ("sat", "trades", "ard", "rslad", "dard-sat")
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 """`dard demo`: the whole system on the embedded digits, in one go, on a laptop.
 
 Stages (each reused on a re-run unless ``--fresh``; each shows progress):
-1. a robust teacher (TRADES, cnn_medium, 15 epochs: the demo's budget; the benchmark teacher is
-   ``dard.config.TEACHER_DEFAULTS``), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
+1. a robust teacher (the recipe of ``dard.config.TEACHER_DEFAULTS``, SAT, on cnn_medium for 15
+   epochs: the demo's budget), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
    and verified by sha256 before reuse
 2. teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)
 3. the DARD student with Ray Train, 2 DDP workers, from the shards

@@ -23,7 +23,7 @@ DIVERGENCES = ("kl", "dice")
 DPGD_LOSSES = ("dice", "ce", "dice+ce", "cw")
 STEP_SCHEDULES = ("constant", "cosine", "apgd")
 LR_SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
-ROB_TARGETS = ("teacher_nat", "self", "teacher_adv")
+ROB_TARGETS = ("teacher_nat", "self", "teacher_adv", "label")
 
 
 class ConfigError(ValueError):
@@ -84,7 +84,8 @@ class LossConfig:
     ``teacher_nat`` D_tau(T(x)||S(x_s)), x_s = DPGD towards softmax(T(x)) (RSLAD-style);
     ``self`` trades_beta*KL(S(x)||S(x_s)), x_s = TRADES' KL attack (the student's own natural
     prediction as target, no teacher at x_s); ``teacher_adv`` D_tau(T(x_s)||S(x_s)), the teacher
-    queried online at the student's DPGD example (AdaAD/IAD-style; one teacher forward a step).
+    queried online at the student's DPGD example (AdaAD/IAD-style; one teacher forward a step);
+    ``label`` CE(S(x_s), y), x_s = PGD-CE against the student (SAT's term: the hard label at x_s).
     ``trades_beta`` is TRADES' beta; ``ard_alpha`` ARD's alpha.
     """
 
@@ -95,7 +96,7 @@ class LossConfig:
     w_nat: float = 1 / 6
     w_ce: float = 0.0
     w_ce_adv: float = 0.0  # hard-label CE on the student's own adversarial example x_s
-    rob_target: str = "teacher_nat"  # teacher_nat | self | teacher_adv
+    rob_target: str = "teacher_nat"  # teacher_nat | self | teacher_adv | label
     divergence: str = "kl"
     trades_beta: float = 6.0
     ard_alpha: float = 1.0
@@ -160,16 +161,17 @@ class Config:
 
 # Digits: 8x8 grey images; eps 0.2 separates methods (docs/design.md §8: a natural CNN falls to
 # ~1 % PGD-20 accuracy, TRADES keeps ~70 %); eps 0.1 barely does. No flip: digits are not mirror
-# symmetric. Small CNNs, more epochs with a cosine schedule since each epoch is tiny.
-# lr 0.2, measured (cnn_small, 15 epochs, batch 64, validation natural / PGD-10 %, lr 0.05 -> 0.2):
-# TRADES 92.8/28.9 -> 94.4/45.0, RSLAD 63.9/12.2 -> 83.3/36.1, DARD 68.9/15.0 -> 85.0/33.3; SAT
-# 76.1/37.8 at 0.2. Distillation losses give small gradients and underfit badly at 0.05.
+# symmetric. Small CNNs, more epochs since each epoch is tiny. The student recipe is the DARD
+# configuration an equal-budget grid selected on validation (benchmarks/method_grid.py, results in
+# benchmarks/results/grid-digits.md): SAT's term at the student's own PGD example (rob_target label)
+# plus the teacher's soft labels on its DPGD views (w_adv), onecycle lr 0.4. It ties SAT there.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
         "data": {"crop_padding": 1, "flip": False},
         "model": {"arch": "cnn_small"},
         "attack": {"eps": 0.2, "step_size": 0.05, "steps": 10},
-        "optim": {"epochs": 40, "batch_size": 64, "lr": 0.2, "lr_schedule": "cosine",
+        "loss": {"rob_target": "label", "w_adv": 1.0, "w_rob": 1.0, "w_nat": 0.0, "w_ce": 0.0},
+        "optim": {"epochs": 40, "batch_size": 64, "lr": 0.4, "lr_schedule": "onecycle",
                   "weight_decay": 5e-4},
         "run": {"eval_limit": None},
     },
@@ -177,11 +179,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar100": {},
 }
 
-# The robust teacher each dataset distils from when none is given (the demo's and the benchmarks'):
-# chosen by benchmarks/teacher.py, results in benchmarks/results/teacher-<dataset>.md.
+# The robust teacher each dataset distils from when none is given (the benchmarks'): chosen on
+# validation robust accuracy by benchmarks/method_grid.py (digits: SAT cnn_large, 80 onecycle epochs,
+# AutoAttack 73.5 % on the test split; benchmarks/results/grid-digits.md).
 TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "trades"},
-               "optim": {"epochs": 40, "lr": 0.1, "lr_schedule": "onecycle"}},
+    "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "sat"},
+               "optim": {"epochs": 80, "lr": 0.1, "lr_schedule": "onecycle"}},
     "cifar10": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
     "cifar100": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
 }

@@ -166,7 +166,9 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
     ``self``        R = trades_beta * KL(S(x) || S(x_s)), x_s = TRADES' KL attack from S(x)
                     (with w_ce = 1, w_rob = 1 and no teacher term this *is* TRADES);
     ``teacher_adv`` R = D_tau(T(x_s) || S(x_s)), x_s as for teacher_nat, T(x_s) from
-                    ``batch.online_teacher`` (one teacher forward a step).
+                    ``batch.online_teacher`` (one teacher forward a step);
+    ``label``       R = CE(S(x_s), y), x_s = PGD-CE against the student (SAT's inner attack):
+                    with w_rob = 1 and no other term this *is* SAT.
     The paper's public text fixes only "dual supervision from natural and adversarial soft
     labels" with DPGD examples; the form and defaults are ours (``benchmarks/results/``). A zero
     weight skips its term; with w_rob = w_ce_adv = 0 no online attack runs.
@@ -190,6 +192,9 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
         if cfg.rob_target == "self":
             x_student_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size,
                                        steps=attack.steps)
+        elif cfg.rob_target == "label":
+            x_student_adv = pgd(unwrap(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size,
+                                steps=attack.steps)
         else:
             teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
             x_student_adv = dpgd_from_config(unwrap(student), batch.x, teacher_probs, attack)
@@ -204,6 +209,8 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
                     raise ValueError("loss.rob_target='teacher_adv' queries the teacher at x_s: the run needs the "
                                      "teacher model (--teacher, or shards whose manifest names a readable teacher)")
                 rob = divergence(logits_adv, forward_logits(batch.online_teacher, x_student_adv), tau, kind)
+            elif cfg.rob_target == "label":
+                rob = F.cross_entropy(logits_adv, batch.y)
             else:
                 rob = divergence(logits_adv, batch.teacher_logits, tau, kind)
             add("kd_rob", cfg.w_rob * rob)

@@ -185,3 +185,28 @@ def test_dard_rob_target_teacher_adv_queries_the_teacher_at_x_s():
     assert abs(base.loss.item() - got.loss.item()) > 0.05
     with pytest.raises(ValueError, match="teacher_adv"):
         dard(TwoFaced(S, S_adv), TrainBatch(X, Y, teacher_logits=T), cfg, ATT)
+
+
+def test_dard_rob_target_label_is_sat_plus_teacher_terms():
+    # R = CE(S(x_s), y): on the two-faced student, CE of the adversarial logits by hand
+    S_adv, T_adv = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]])
+    batch = TrainBatch(X, Y, teacher_logits=T, x_teacher_adv=X + 0.05, teacher_logits_adv=T_adv)
+    cfg = LossConfig(rob_target="label", w_adv=0.0, w_rob=1.0, w_nat=0.0)
+    assert dard(TwoFaced(S, S_adv), batch, cfg, ATT).loss.item() == pytest.approx(ce_hand(S_adv, Y), rel=1e-5)
+    # plus the teacher's soft labels on its DPGD view (the student sees x_d -> S_adv) and on x
+    cfg = LossConfig(rob_target="label", w_adv=1.0, w_rob=1.0, w_nat=0.5)
+    got = dard(TwoFaced(S, S_adv), batch, cfg, ATT)
+    expected = ce_hand(S_adv, Y) + kl_hand(T_adv, S_adv) + 0.5 * kl_hand(T, S)
+    assert got.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert set(got.terms) == {"kd_adv", "kd_rob", "kd_nat"}
+    # x_s is SAT's own PGD-CE example: same random start, same loss as `sat` on a real model
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    att = AttackConfig(eps=0.1, step_size=0.05, steps=3)
+    torch.manual_seed(0)
+    got = dard(model, batch, LossConfig(rob_target="label", w_adv=0.0, w_rob=1.0, w_nat=0.0), att).loss.item()
+    torch.manual_seed(0)
+    assert got == pytest.approx(sat(model, batch, LossConfig(), att).loss.item(), rel=1e-6)
+    torch.manual_seed(0)
+    other = dard(model, batch, LossConfig(rob_target="self", w_adv=0.0, w_rob=0.0, w_nat=0.0, w_ce_adv=1.0),
+                 att).loss.item()
+    assert other != pytest.approx(got, rel=1e-6)  # the KL attack finds another x_s

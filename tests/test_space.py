@@ -40,10 +40,13 @@ def test_unknown_preset():
 
 
 def test_apply_normalises_the_three_weights():
-    cfg = apply(Config.for_dataset("digits"), {"w_adv": 1.0, "w_rob": 2.0, "w_nat": 1.0, "w_ce": 0.3,
-                                                "temperature": 4.0, "dpgd_schedule": "apgd", "lr": 0.01})
+    cfg = apply(Config.for_dataset("digits"), {"rob_target": "teacher_nat", "w_adv": 1.0, "w_rob": 2.0, "w_nat": 1.0,
+                                                "w_ce": 0.3, "temperature": 4.0, "dpgd_schedule": "apgd", "lr": 0.01})
     assert (cfg.loss.w_adv, cfg.loss.w_rob, cfg.loss.w_nat) == pytest.approx((0.25, 0.5, 0.25))
     assert cfg.loss.w_ce == 0.3 and cfg.loss.temperature == 4.0 and cfg.attack.dpgd_schedule == "apgd"
     assert cfg.optim.lr == 0.01 and cfg.loss.method == "dard"
-    zero = apply(Config.for_dataset("digits"), {"w_adv": 0.0, "w_rob": 0.0, "w_nat": 0.0})
+    zero = apply(Config.for_dataset("digits"), {"rob_target": "teacher_nat", "w_adv": 0.0, "w_rob": 0.0, "w_nat": 0.0})
     assert zero.loss.w_rob == 1.0
+    # a hard-label backbone (SAT's CE at x_s, the digits default) sets the scale: weights stay as drawn
+    sat = apply(Config.for_dataset("digits"), {"rob_target": "label", "w_adv": 1.5, "w_nat": 0.25})
+    assert (sat.loss.w_adv, sat.loss.w_rob, sat.loss.w_nat) == (1.5, 1.0, 0.25)

@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="Ray Tune sweep over temperature and loss weights, MLflow per trial")
     add_config_args(p, method_default="dard", methods=METHODS)
     p.add_argument("--shards", required=True, help="shard directory (the sweep trains from shards)")
-    p.add_argument("--space", default="dard-default", help="preset (dard-default, dard-trades, rslad-like, wide, sat, trades, ard, rslad) or a YAML file")
+    p.add_argument("--space", default="dard-sat", help="preset (dard-sat, dard-trades, dard-default, rslad-like, wide, sat, trades, ard, rslad) or a YAML file")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--max-concurrent", type=int, help="default: GPUs // workers per trial, 1 without GPUs")

@@ -11,7 +11,8 @@ For DARD with a teacher robustness target (``teacher_nat``/``teacher_adv``) the 
 *normalised*: the sampled w_adv, w_rob, w_nat are divided by their sum, so a trial's three
 distillation weights add up to 1 (w_ce, w_ce_adv stay as sampled). This removes the overall
 scale, which would otherwise act as a second learning rate. With ``rob_target: self`` the TRADES
-pair (w_ce = 1, w_rob * trades_beta) sets the scale, so weights stay as sampled.
+pair (w_ce = 1, w_rob * trades_beta), with ``label`` SAT's CE at x_s sets the scale, so weights
+stay as sampled.
 
 ``method`` is a parameter too: the baseline presets (``sat``, ``trades``, ``ard``, ``rslad``) fix
 it and search lr plus that method's own knobs, so every method gets the same tuning budget.
@@ -36,8 +37,9 @@ PARAMETERS = {
 }
 CHOICES = {"divergence": DIVERGENCES, "dpgd_loss": DPGD_LOSSES, "dpgd_schedule": STEP_SCHEDULES,
            "rob_target": ROB_TARGETS, "method": METHODS}
-LR_RANGE = {"type": "loguniform", "low": 0.02, "high": 0.4}
+LR_RANGE = {"type": "loguniform", "low": 0.02, "high": 0.8}
 WEIGHTS = ("w_adv", "w_rob", "w_nat")
+HARD_LABEL_SCALED = ("self", "label")  # robustness targets whose hard-label CE sets the loss scale
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tau, the three weights and the divergence; DPGD as configured.
@@ -76,6 +78,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dard-trades": {
         "method": "dard", "rob_target": "self", "w_rob": 1.0, "w_ce": 1.0, "lr": LR_RANGE,
         "trades_beta": {"type": "uniform", "low": 2, "high": 8},
+        "w_adv": {"type": "uniform", "low": 0, "high": 2},
+        "w_nat": {"type": "uniform", "low": 0, "high": 0.5},
+    },
+    # DARD on a SAT backbone (the digits default, benchmarks/results/grid-digits.md): CE at the
+    # student's own PGD example plus the teacher's soft labels on its DPGD views and natural views.
+    "dard-sat": {
+        "method": "dard", "rob_target": "label", "w_rob": 1.0, "w_ce": 0.0, "lr": LR_RANGE,
         "w_adv": {"type": "uniform", "low": 0, "high": 2},
         "w_nat": {"type": "uniform", "low": 0, "high": 0.5},
     },
@@ -178,7 +187,7 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
             section, key = PARAMETERS[name]
             raw[section][key] = value
     loss = raw["loss"]
-    if loss["method"] == "dard" and loss["rob_target"] != "self":
+    if loss["method"] == "dard" and loss["rob_target"] not in HARD_LABEL_SCALED:
         total = sum(loss[w] for w in WEIGHTS)
         if total <= 0:
             loss.update({"w_adv": 0.0, "w_rob": 1.0, "w_nat": 0.0})  # all-zero draw: fall back to w_rob only
