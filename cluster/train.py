@@ -1,8 +1,8 @@
 """Ray Train: DistributedDataParallel student training from shards (docs/design.md §5).
 
 ``train_distributed`` is the driver (``dard train``, ``cluster.jobs.train``); ``train_loop_per_worker``
-is plain PyTorch around ``dard.engine.train_epoch`` plus three Ray calls (``prepare_model``,
-``report``, ``get_checkpoint``).
+runs the one epoch loop, ``dard.engine.run_epochs``, plus three Ray calls (``prepare_model``,
+``report`` as its epoch callback, ``get_checkpoint``).
 
 Batch size: ``optim.batch_size`` is global and split evenly over workers, so the optimisation is
 the same as one process with that batch and no learning-rate scaling is needed. Changing the
@@ -17,43 +17,29 @@ the group and the loop resumes from ``get_checkpoint()``; re-running the driver 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Callable
 
 from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
 from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
 from dard.data import load_splits
-from dard.engine import train_epoch
-from dard.models import arch_kwargs, build_for, save_model, unwrap
-from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, seed_everything,
-                           shard_batches, validate)
+from dard.engine import epoch_line, place_model, run_epochs, seed_everything
+from dard.models import arch_kwargs, build_for, save_model
+from dard.training import make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    """Hash of the trainable parameters (BN running stats are per rank between forwards, by design)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for tensor in unwrap(model).parameters():
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every worker. ``config``: ``run`` (Config dict), ``shards`` (directory), optional
-    ``tracking`` (MLflow URI + experiment, rank 0 logs), and test hooks ``fail_once_at_epoch``
-    (+ ``fail_marker``) and ``weights_log_dir``."""
+    ``tracking`` (MLflow URI + experiment, rank 0 logs), ``teacher_path`` and ``step_hook``: a
+    callable ``hook(rank=, world=, epoch=, step=, steps=, model=)`` run after every optimizer step
+    (the fault-tolerance tests kill a worker and record weight digests with it)."""
     import ray.train
     import ray.train.torch
 
@@ -64,10 +50,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.run.seed + rank)  # attack random starts differ per rank; DDP syncs the weights
+    seed_everything(cfg.run.seed)  # initial weights as in `fit` (DDP broadcasts rank 0's anyway)
     device = ray.train.torch.get_device()
-    model = build_for(cfg.model, cfg.data.dataset)
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    model = place_model(build_for(cfg.model, cfg.data.dataset), device)
+    model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     if cfg.optim.batch_size % world:
@@ -76,46 +62,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source, steps = shard_batches(reader, cfg, rank, world, cfg.optim.batch_size // world)
     if steps == 0:
         raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")
-    val = load_splits(cfg.data).val if rank == 0 else None
     shard_teacher = reader.manifest["teacher"]
     online_teacher = online_teacher_for(cfg, config.get("teacher_path") or shard_teacher.get("path"), device,
                                         expected_sha256=shard_teacher.get("sha256"))
-    if online_teacher is not None:
-        plain_source = source
-        source = lambda e: (dataclasses.replace(b, online_teacher=online_teacher) for b in plain_source(e))  # noqa: E731
+    batches = source if online_teacher is None else \
+        (lambda e: (dataclasses.replace(b, online_teacher=online_teacher) for b in source(e)))
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        start_epoch = restore(state, model, optimizer, scheduler, restore_rng=False)
+        start_epoch = restore(state, model, optimizer, scheduler)
         history = list(state.get("history", []))
-        torch.manual_seed(cfg.run.seed + rank + 7919 * start_epoch)
     tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
-    weights_log = Path(config["weights_log_dir"]) / f"rank{rank}.jsonl" if config.get("weights_log_dir") else None
-    if weights_log is not None:
-        import ray
 
-        weights_log.with_suffix(".node").write_text(ray.get_runtime_context().get_node_id())
-
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-
-        def after_step(n: int, loss: float, _epoch=epoch, _step=[0]) -> None:
-            _step[0] += 1
-            if weights_log is not None:
-                with open(weights_log, "a") as f:
-                    f.write(json.dumps({"epoch": _epoch, "step": _step[0], "digest": _weights_digest(model)}) + "\n")
-            _maybe_die(config, rank, world, _epoch, _step[0], steps)
-
-        stats = train_epoch(model, source(epoch), optimizer, loss_cfg=cfg.loss, attack_cfg=cfg.attack, device=device,
-                            amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, epoch=epoch, progress=after_step)
-        scheduler.step()
-        metrics = {"epoch": epoch, "lr": lr, "world_size": world, **{f"train_{k}": v for k, v in stats.items()}}
-        if rank == 0 and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs):
-            metrics.update(validate(unwrap(model), val, cfg, cfg.run.eval_limit))
-        history.append(metrics)
+    def report(epoch: int, metrics: dict, history: list) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -125,10 +87,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(d) / CHECKPOINT_FILE, state)  # refuses NaN weights
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
-                print(f"[dard] epoch {epoch + 1}/{cfg.optim.epochs}: " + ", ".join(
-                    f"{k}={metrics[k]:.4g}" for k in ("train_loss", "val_natural_acc", "val_pgd_acc",
-                                                      "train_images_per_s") if k in metrics), flush=True)
+                print(f"[dard] {epoch_line(cfg, metrics)}", flush=True)
             ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
+
+    hook: Callable | None = config.get("step_hook")
+    run_epochs(model, optimizer, scheduler, cfg, batches, device=device, steps=steps, start_epoch=start_epoch,
+               history=history, val=load_splits(cfg.data).val if rank == 0 else None, rank=rank,
+               extra_metrics={"world_size": world}, on_epoch_end=report,
+               on_step=None if hook is None else
+               (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=steps, model=model)))
     if checkpoint and start_epoch >= cfg.optim.epochs and history:
         # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
         # its result): report that epoch again, or Tune would see the trial end with no result.
@@ -136,21 +103,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log(history[-1], start_epoch - 1)
         ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
-
-
-def _maybe_die(config: dict, rank: int, world: int, epoch: int, step: int, steps: int) -> None:
-    """Test hook: the last rank kills its own process once, halfway through ``fail_once_at_epoch``.
-
-    It waits a few seconds first so the previous epoch's reported checkpoint is registered by the
-    controller (a death right after ``report`` may race it and restart one epoch earlier)."""
-    if config.get("fail_once_at_epoch") != epoch or rank != world - 1 or step != max(1, steps // 2):
-        return
-    marker = Path(config["fail_marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"killed rank {rank} at epoch {epoch}, step {step}")
-    time.sleep(float(config.get("fail_delay_s", 3.0)))
-    os._exit(1)  # a hard worker death, as a lost node or an OOM kill would be
 
 
 class _NoTracker:
@@ -191,7 +143,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
                       placement_strategy: str = "PACK", callbacks: list | None = None,
-                      test_hooks: dict | None = None) -> DistributedResult:
+                      step_hook: Callable | None = None) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
@@ -220,7 +172,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking,
                            "teacher_path": str(Path(teacher_path).absolute()) if teacher_path else None,
-                           **(test_hooks or {})},
+                           "step_hook": step_hook},
         # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
         torch_config=(LoopbackTorchConfig if cluster_is_local() else TorchConfig)(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,

@@ -1,6 +1,6 @@
 """Training checkpoints: everything to resume exactly, written atomically, read weights-only.
 
-Layout: ``{"epoch", "model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "config",
+Layout: ``{"epoch", "model", "optimizer", "scheduler", "config",
 "history", "extra"}`` -- tensors and plain values only, so ``torch.load(weights_only=True)``
 reads it and nothing is ever unpickled.
 """
@@ -27,8 +27,6 @@ def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config:
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": config,
         "history": history,
         "extra": dict(extra or {}),
@@ -80,15 +78,12 @@ def check_resumable(state: dict[str, Any], config: dict, path: str | Path) -> No
                               "same settings, or use another --out / delete the checkpoint to start anew.")
 
 
-def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True) -> int:
-    """Load a checkpoint into live objects; returns the epoch to start from."""
+def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None) -> int:
+    """Load a checkpoint into live objects; returns the epoch to start from. (No RNG state: the
+    epoch loop seeds every epoch from (seed, rank, epoch), so a resumed epoch replays exactly.)"""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["epoch"]) + 1

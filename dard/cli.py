@@ -245,7 +245,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
+    """The CLI. ``registrars`` add subcommands (``register(subparsers)``); None: those of the
+    installed ``dard.commands`` entry points (cluster/ and tuning/; dard/ never imports them)."""
     parser = argparse.ArgumentParser(prog="dard", description="Dice Adversarial Robustness Distillation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,8 +295,8 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_shards_inspect)
 
-    for ep in entry_points(group="dard.commands"):
-        ep.load()(sub)  # cluster/ and tuning/ add their subcommands; dard/ never imports them
+    for register in registrars if registrars is not None else [ep.load() for ep in entry_points(group="dard.commands")]:
+        register(sub)
 
     p = sub.add_parser("video", help="classify a clip natural vs attacked: annotated side-by-side MP4 + CSV")
     p.add_argument("--input", help="video file")
@@ -331,12 +333,13 @@ def _expected(err: BaseException) -> bool:
         names & {"MlflowException", "RayError", "RayTaskError", "TrainingFailedError", "TuneError"})
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
     """Run a subcommand. Expected failures print one line ``dard CMD: error: ...`` and exit 2
-    (the traceback with --verbose); Ctrl-C exits 130 and SIGTERM 143, after cleaning up."""
+    (the traceback with --verbose); Ctrl-C exits 130 and SIGTERM 143, after cleaning up.
+    ``registrars``: see :func:`make_parser`."""
     import signal
 
-    parser = make_parser()
+    parser = make_parser(registrars)
     args = parser.parse_args(argv)
     from dard import logs
 

@@ -1,20 +1,28 @@
-"""One training epoch and one evaluation pass: device-agnostic, DDP-agnostic, AMP-ready.
+"""The epoch loop, one training epoch and the evaluation passes: device-, DDP- and AMP-agnostic.
 
-The loops know nothing of Ray: ``cluster/train.py`` calls them inside each DDP worker with its
-own rank's batches, the single-process CLI calls them directly.
+``run_epochs`` is the one epoch loop (lr -> epoch -> scheduler -> validation -> history ->
+``on_epoch_end``). It knows nothing of Ray or files: ``dard.training.fit`` passes a callback that
+writes the checkpoint and history, the Ray worker (``cluster/train.py``) one that reports to Ray
+Train; each DDP rank runs it with its own batches.
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-from dard.config import AttackConfig, LossConfig
+from dard.attacks.pgd import cw_inf, pgd
+from dard.config import AttackConfig, Config, LossConfig
+from dard.data import ArrayDataset
 from dard.losses import TrainBatch, get_loss
+from dard.models.registry import unwrap
+from dard.progress import progress_bar
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -29,6 +37,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name!r} but CUDA is not available on this machine; use auto or cpu")
     return device
+
+
+def seed_for(seed: int, rank: int = 0, epoch: int = 0) -> int:
+    """The one seeding formula: every (run seed, DDP rank, epoch) gets its own stream, so ranks
+    draw different attack starts and shuffles, and a resumed epoch replays exactly."""
+    return seed * 1_000_003 + epoch * 1_009 + rank
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) generators from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """On ``device``; channels_last on CUDA (faster convolutions, same numbers)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -100,3 +127,71 @@ def correct_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Ca
             xb = attack(model, xb, yb)
         out.append(predict(model, xb, batch_size).to(yb.device) == yb)
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.bool)
+
+
+def validation_metrics(model: nn.Module, ds: ArrayDataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
+    """Validation accuracies on ``ds[:limit]`` under attack eps/step, k = run.eval_pgd_steps:
+    natural, PGD-k (CE), CW-k (margin), and ``val_robust_acc``: the sample survives both.
+
+    ``val_robust_acc`` is what selection uses: PGD-CE alone overstates distilled students, whose
+    soft targets leave small logit margins that a margin attack (and AutoAttack's APGD-T) finds.
+    """
+    ds = ds.head(limit)
+    x, y = ds.images.float() / 255, ds.labels
+    a, k = cfg.attack, cfg.run.eval_pgd_steps
+    nat = correct_under(model, x, y)
+    rob_pgd = correct_under(model, x, y, lambda m, xb, yb: pgd(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
+                                                               labels_for_early_keep=yb))
+    rob_cw = correct_under(model, x, y, lambda m, xb, yb: cw_inf(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
+                                                                 labels_for_early_keep=yb))
+    return {"val_natural_acc": nat.float().mean().item(), "val_pgd_acc": rob_pgd.float().mean().item(),
+            "val_cw_acc": rob_cw.float().mean().item(), "val_robust_acc": (rob_pgd & rob_cw).float().mean().item(),
+            "val_samples": len(ds)}
+
+
+EpochEnd = Callable[[int, dict, list], None]
+
+
+def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
+               batches: Callable[[int], Iterator[TrainBatch]], *, device: torch.device, steps: int,
+               start_epoch: int = 0, history: list | None = None, val: ArrayDataset | None = None, rank: int = 0,
+               extra_metrics: dict | None = None, on_epoch_end: EpochEnd | None = None,
+               on_step: Callable[[int, int], None] | None = None, progress: bool = False) -> list[dict]:
+    """Train epochs ``start_epoch .. optim.epochs - 1``; returns the history (one dict per epoch).
+
+    ``batches(epoch)``: this rank's batches; ``steps``: how many per epoch (for the bar). Each epoch
+    seeds torch from ``seed_for(run.seed, rank, epoch)`` first (attack random starts). Validation
+    on ``val`` (rank 0 passes it, others None) every ``run.eval_every`` epochs and at the last.
+    ``on_epoch_end(epoch, metrics, history)`` persists or reports; ``on_step(epoch, step)`` runs
+    after every optimizer step (step counts from 1).
+    """
+    history = list(history or [])
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        torch.manual_seed(seed_for(cfg.run.seed, rank, epoch))
+        lr = optimizer.param_groups[0]["lr"]
+        counter = [0]
+        with progress_bar(steps, f"{cfg.loss.method} epoch {epoch + 1}/{cfg.optim.epochs}", enabled=progress) as bar:
+            def after_step(n: int, loss: float, _epoch: int = epoch) -> None:
+                counter[0] += 1
+                bar.update(1, loss=loss)
+                if on_step is not None:
+                    on_step(_epoch, counter[0])
+
+            stats = train_epoch(model, batches(epoch), optimizer, loss_cfg=cfg.loss, attack_cfg=cfg.attack,
+                                device=device, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, epoch=epoch,
+                                progress=after_step)
+        scheduler.step()
+        metrics = {"epoch": epoch, "lr": lr, **(extra_metrics or {}), **{f"train_{k}": v for k, v in stats.items()}}
+        if val is not None and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs):
+            metrics.update(validation_metrics(unwrap(model), val, cfg, cfg.run.eval_limit))
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, history)
+    return history
+
+
+def epoch_line(cfg: Config, metrics: dict) -> str:
+    """The one line a person reads per epoch."""
+    keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "val_robust_acc", "train_images_per_s")
+    return f"epoch {metrics['epoch'] + 1}/{cfg.optim.epochs}: " + ", ".join(
+        f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

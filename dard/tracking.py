@@ -261,7 +261,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
 # ---- registry: register a student, move the champion alias only when it is better --------------
 # Model name ``dard-<dataset>-<arch>``. Each version carries tags with its validation robust
 # accuracy, dataset, arch and the full run config; the alias moves only if the new version's
-# validation robust accuracy (PGD and CW both fail; ``dard.training.validate``) beats the current
+# validation robust accuracy (PGD and CW both fail; ``dard.engine.validation_metrics``) beats the current
 # champion's (both recorded on the new version).
 
 ALIAS = "champion"

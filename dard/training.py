@@ -11,31 +11,21 @@ import dataclasses
 import json
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
-from dard.attacks.pgd import cw_inf, pgd
 from dard.checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore, save_checkpoint
 from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, save_yaml, to_dict
 from dard.data import ArrayDataset, iterate_batches, num_batches, load_splits
-from dard.engine import correct_under, resolve_device, train_epoch
+from dard.engine import epoch_line, place_model, resolve_device, run_epochs, seed_everything, seed_for
 from dard.losses import NEEDS_TEACHER, TrainBatch, needs_online_teacher, needs_teacher_adv
 from dard.models import arch_kwargs, build_for, file_sha256, load_teacher, save_model
-from dard.progress import progress_bar
 from dard.teacher import teacher_outputs
 
 log = logging.getLogger("dard")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -63,7 +53,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """Shuffle/augment randomness derived from (seed, epoch, rank): a resumed epoch replays exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    return torch.Generator().manual_seed(seed_for(seed, rank, epoch))
 
 
 def online_batches(ds: ArrayDataset, cfg: Config, epoch: int, teacher: nn.Module | None, device: torch.device,
@@ -102,26 +92,6 @@ def shard_batches(reader, cfg: Config, rank: int = 0, world_size: int = 1, batch
         return (b.to_train_batch() for b in reader.batches(epoch, local, rank, world_size, seed=cfg.run.seed))
 
     return source, reader.steps_per_epoch(local, world_size)
-
-
-def validate(model: nn.Module, ds: ArrayDataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
-    """Validation accuracies on ``ds[:limit]`` under attack eps/step, k = run.eval_pgd_steps:
-    natural, PGD-k (CE), CW-k (margin), and ``val_robust_acc``: the sample survives both.
-
-    ``val_robust_acc`` is what selection uses: PGD-CE alone overstates distilled students, whose
-    soft targets leave small logit margins that a margin attack (and AutoAttack's APGD-T) finds.
-    """
-    ds = ds.head(limit)
-    x, y = ds.images.float() / 255, ds.labels
-    a, k = cfg.attack, cfg.run.eval_pgd_steps
-    nat = correct_under(model, x, y)
-    rob_pgd = correct_under(model, x, y, lambda m, xb, yb: pgd(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
-                                                               labels_for_early_keep=yb))
-    rob_cw = correct_under(model, x, y, lambda m, xb, yb: cw_inf(m, xb, yb, eps=a.eps, step_size=a.step_size, steps=k,
-                                                                 labels_for_early_keep=yb))
-    return {"val_natural_acc": nat.float().mean().item(), "val_pgd_acc": rob_pgd.float().mean().item(),
-            "val_cw_acc": rob_cw.float().mean().item(), "val_robust_acc": (rob_pgd & rob_cw).float().mean().item(),
-            "val_samples": len(ds)}
 
 
 def load_run_teacher(path: str | Path, cfg: Config, teacher_arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -165,12 +135,10 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out_dir / "config.yaml")
-    seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed)  # the initial weights
     device = resolve_device(cfg.run.device)
     splits = load_splits(cfg.data)
-    model = build_for(cfg.model, cfg.data.dataset).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_for(cfg.model, cfg.data.dataset), device)
     teacher, teacher_header = None, None
     if cfg.loss.method in NEEDS_TEACHER and batch_source is None:
         if teacher_path is None:
@@ -193,31 +161,24 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     elif resume:
         log.info("no checkpoint at %s; starting from scratch", ckpt_path)
 
-    n_batches = batches_per_epoch or num_batches(len(splits.train), cfg.optim.batch_size,
-                                                 drop_last=len(splits.train) > cfg.optim.batch_size)
-    metrics: dict = history[-1] if history else {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        batches = batch_source(epoch) if batch_source else online_batches(splits.train, cfg, epoch, teacher, device)
-        if online_teacher is not None:
-            batches = (dataclasses.replace(b, online_teacher=online_teacher) for b in batches)
-        with progress_bar(n_batches, f"{cfg.loss.method} epoch {epoch + 1}/{cfg.optim.epochs}",
-                          enabled=cfg.run.progress) as bar:
-            train_metrics = train_epoch(model, batches, optimizer, loss_cfg=cfg.loss, attack_cfg=cfg.attack,
-                                        device=device, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, epoch=epoch,
-                                        progress=lambda n, loss: bar.update(1, loss=loss))
-        scheduler.step()
-        metrics = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_metrics.items()}}
-        if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-            metrics.update(validate(model, splits.val, cfg, cfg.run.eval_limit))
-        history.append(metrics)
+    def batches(epoch: int) -> Iterator[TrainBatch]:
+        out = batch_source(epoch) if batch_source else online_batches(splits.train, cfg, epoch, teacher, device)
+        return (dataclasses.replace(b, online_teacher=online_teacher) for b in out) if online_teacher else out
+
+    def persist(epoch: int, metrics: dict, history: list) -> None:
         save_checkpoint(ckpt_path, checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
                                                     {"teacher": teacher_header}))
         # rewritten whole each epoch, so a resumed run never duplicates or loses a line
         (out_dir / "history.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-        log.info("epoch %d: %s", epoch + 1, _brief(metrics))
+        log.info(epoch_line(cfg, metrics))
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+
+    steps = batches_per_epoch or num_batches(len(splits.train), cfg.optim.batch_size,
+                                             drop_last=len(splits.train) > cfg.optim.batch_size)
+    history = run_epochs(model, optimizer, scheduler, cfg, batches, device=device, steps=steps, start_epoch=start_epoch,
+                         history=history, val=splits.val, on_epoch_end=persist, progress=cfg.run.progress)
+    metrics = history[-1] if history else {}
 
     meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": metrics,
             "teacher": {k: teacher_header[k] for k in ("arch", "sha256", "path") if k in teacher_header}
@@ -226,8 +187,3 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
                             in_channels=IMAGE_SHAPE[cfg.data.dataset][0], dataset=cfg.data.dataset,
                             arch_kwargs=arch_kwargs(cfg.model), meta=meta)
     return {**metrics, "model_path": str(model_path), "checkpoint_path": str(ckpt_path), "out_dir": str(out_dir)}
-
-
-def _brief(m: dict) -> str:
-    keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "val_robust_acc", "train_images_per_s")
-    return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import digits_config
+from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +75,14 @@ class ListeningSockets:
 def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, tmp_path):
     from cluster.train import train_distributed
 
+    register()
     cfg = small_train_cfg(tmp_path)
     logs = tmp_path / "weights"
     logs.mkdir()
     with ListeningSockets() as sockets:
         result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1,
                                    out=str(tmp_path / "s.pt"),
-                                   test_hooks={"fail_once_at_epoch": 1, "fail_marker": str(tmp_path / "killed"),
-                                               "weights_log_dir": str(logs)})
+                                   step_hook=WeightsLog(str(logs), kill_at_epoch=1, marker=str(tmp_path / "killed")))
     # a local run listens on loopback only: Ray's daemons, the DDP rendezvous and gloo included
     assert sockets.seen and not sockets.exposed, sockets.exposed
     assert (tmp_path / "killed").exists()  # the worker really died
@@ -118,7 +119,10 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
     from dard.config import Config
     from cluster.train import train_distributed
 
-    shards, out = sys.argv[1], sys.argv[2]
+    shards, out, repo = sys.argv[1], sys.argv[2], sys.argv[3]
+    sys.path.insert(0, repo)
+    from tests.ray_hooks import WeightsLog, register
+    register()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
@@ -126,7 +130,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
     cfg = Config.for_dataset("digits", data={"limit_train": 256}, attack={"steps": 2}, optim={"epochs": 1},
                              run={"out_dir": out, "progress": False, "eval_limit": 60})
     r = train_distributed(cfg, shards, workers=2, name="two-nodes", placement_strategy="SPREAD",
-                          test_hooks={"weights_log_dir": out})
+                          step_hook=WeightsLog(out))
     print("RESULT", json.dumps({"checkpoint": r.checkpoint_dir, "epochs": [h["epoch"] for h in r.history]}))
     ray.shutdown()
     c.shutdown()
@@ -136,8 +140,8 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
 def test_multi_node_workers_on_different_nodes(ray_shards, tmp_path):
     script = tmp_path / "multi.py"
     script.write_text(MULTI_NODE_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), ray_shards, str(tmp_path)], capture_output=True, text=True,
-                         timeout=400, cwd=REPO)
+    run = subprocess.run([sys.executable, str(script), ray_shards, str(tmp_path), str(REPO)], capture_output=True,
+                         text=True, timeout=400, cwd=REPO)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(run.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
     assert result["epochs"] == [0] and Path(result["checkpoint"], "checkpoint.pt").exists()

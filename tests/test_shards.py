@@ -1,5 +1,7 @@
 """Shard format: round trip, bounds, rank splits, teacher fidelity, faults, resumable precompute."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -155,3 +157,24 @@ def test_wrong_teacher_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="num_classes=10"):
         precompute(small_cfg(tmp_path), path, str(tmp_path / "s"), use_ray=False)
     assert not (tmp_path / "s").exists()
+
+
+BUILD_WITHOUT_RAY = """
+import sys
+sys.modules["ray"] = None  # any `import ray` now fails
+sys.modules["cluster"] = None
+from dard.config import Config
+from dard.precompute import build_shards
+cfg = Config.for_dataset("digits", data={"limit_train": 40}, attack={"steps": 1}, run={"progress": False})
+result = build_shards(cfg, sys.argv[1], sys.argv[2], views=1, rows_per_part=32)
+assert not [m for m in sys.modules if m.split(".")[0] in ("ray", "cluster") and sys.modules[m] is not None]
+print(result.manifest["rows"], result.computed_parts)
+"""
+
+
+def test_dard_builds_shards_without_ray_or_cluster(teacher_path, tmp_path):
+    run = subprocess.run([sys.executable, "-c", BUILD_WITHOUT_RAY, teacher_path, str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["40", "[0,", "1]"]
+    assert verify(str(tmp_path / "s"))["rows"] == 40

@@ -11,6 +11,7 @@ most research repos save them (a ``module.`` prefix from DataParallel is strippe
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,14 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: in
     return path
 
 
-def read_file(path: str | Path) -> Any:
-    """torch.load with weights_only=True (never unpickles arbitrary objects)."""
+def read_file(path: str | Path, data: bytes | None = None) -> Any:
+    """torch.load with weights_only=True (never unpickles arbitrary objects). ``data``: the file's
+    bytes, already read (a Ray task gets the teacher from the object store); ``path`` then names it."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt zip, pickled classes, truncated file
         raise ModelFileError(f"{path}: cannot be read as a weights-only PyTorch file ({type(err).__name__}: {err}). "
                              "Save models with torch.save(model.state_dict(), path) or `dard train-teacher`.") from err
@@ -75,7 +77,10 @@ def file_sha256(path: str | Path) -> str:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """A dard model file -> (model in eval mode, its header without the state dict)."""
-    payload = read_file(path)
+    return _dard_model(read_file(path), path, map_location)
+
+
+def _dard_model(payload: Any, path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
         raise ModelFileError(f"{path}: not a dard model file (no '{FORMAT}' header). For a bare state dict "
                              "(e.g. a RobustBench checkpoint) use load_teacher(path, arch, num_classes) or "
@@ -90,13 +95,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 
 def load_teacher(path: str | Path, arch: str | None = None, num_classes: int | None = None, in_channels: int | None = None,
-                 **arch_kwargs) -> tuple[nn.Module, dict[str, Any]]:
+                 *, data: bytes | None = None, **arch_kwargs) -> tuple[nn.Module, dict[str, Any]]:
     """Load a teacher and check it is what the run expects.
 
     ``arch``/``num_classes``/``in_channels`` None means "whatever the file says" (dard files only).
-    Returns (model in eval mode, header). Raises :class:`ModelFileError` naming the mismatch.
+    ``data``: the file's bytes when already read (see :func:`read_file`). Returns (model in eval
+    mode, header). Raises :class:`ModelFileError` naming the mismatch.
     """
-    payload = read_file(path)
+    payload = read_file(path, data)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels}
         for key, want in expected.items():
@@ -104,7 +110,7 @@ def load_teacher(path: str | Path, arch: str | None = None, num_classes: int | N
                 raise ModelFileError(f"{path}: holds a {payload['arch']} with {payload['num_classes']} classes and "
                                      f"{payload['in_channels']} input channels (dataset {payload['dataset']}), but the run "
                                      f"expects {key}={want!r}.")
-        return load_model(path)
+        return _dard_model(payload, path)
     if arch is None or num_classes is None:
         raise ModelFileError(f"{path}: a bare state dict; name its architecture and class count "
                              "(--teacher-arch, and the dataset gives the classes).")

@@ -1,0 +1,51 @@
+"""The step hook the Ray training tests pass to ``train_distributed(step_hook=...)``.
+
+Shipped to the workers by value (``register``), so a worker need not import the tests package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class WeightsLog:
+    """After every step each rank appends ``{epoch, step, digest}`` (a hash of its trainable
+    weights; BN running stats are per rank by design) to ``<directory>/rank<r>.jsonl`` and writes its
+    Ray node id to ``rank<r>.node`` once. With ``kill_at_epoch`` the last rank then kills its own
+    process once (``marker`` records it), halfway through that epoch: a hard worker death, as a lost
+    node or an OOM kill would be. It waits ``delay_s`` first so the previous epoch's checkpoint is
+    registered by the controller (a death right after ``report`` may race it)."""
+
+    def __init__(self, directory: str, kill_at_epoch: int | None = None, marker: str | None = None,
+                 delay_s: float = 3.0):
+        self.directory, self.kill_at_epoch, self.marker, self.delay_s = directory, kill_at_epoch, marker, delay_s
+
+    def __call__(self, *, rank: int, world: int, epoch: int, step: int, steps: int, model) -> None:
+        from dard.models import unwrap
+
+        log = Path(self.directory) / f"rank{rank}.jsonl"
+        if not log.with_suffix(".node").exists():
+            import ray
+
+            log.with_suffix(".node").write_text(ray.get_runtime_context().get_node_id())
+        h = hashlib.sha256()
+        for tensor in unwrap(model).parameters():
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        with open(log, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "step": step, "digest": h.hexdigest()[:16]}) + "\n")
+        if self.kill_at_epoch == epoch and rank == world - 1 and step == max(1, steps // 2) \
+                and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed rank {rank} at epoch {epoch}, step {step}")
+            time.sleep(self.delay_s)
+            os._exit(1)
+
+
+def register() -> None:
+    """Pickle this module's classes by value for Ray's workers."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
