@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from dard import logs
 from dard.config import DATASETS, DIVERGENCES, DPGD_LOSSES, METHODS, STEP_SCHEDULES, Config, ConfigError, load_yaml
 
 log = logging.getLogger("dard")
@@ -102,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out = Path(args.out)
     cfg.run.out_dir = str(_run_dir(out, args.run_dir))
+    logs.to_file(cfg.run.out_dir)  # library chatter and warnings: <run dir>/dard.log
     teacher = getattr(args, "teacher", None)
     source, steps, meta = None, None, None
     if getattr(args, "shards", None):
@@ -165,15 +167,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
                             attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
                             seed=args.seed, num_classes=NUM_CLASSES[dataset], sanity_checks=not args.no_checks)
-    report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
-    report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
-                   "method": (header.get("meta") or {}).get("method")}
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif args.model.startswith("models:/"):
         out_dir = Path(args.model[len("models:/"):].replace("/", "-").replace("@", "-") + "-eval")
     else:
         out_dir = Path(args.model).with_name(Path(args.model).stem + "-eval")
+    logs.to_file(out_dir)
+    report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
+    report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
+                   "method": (header.get("meta") or {}).get("method")}
     paths = write_report(report, out_dir)
     print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
     print(report.table())
@@ -341,8 +344,6 @@ def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
 
     parser = make_parser(registrars)
     args = parser.parse_args(argv)
-    from dard import logs
-
     logs.setup(args.verbose)
     if not args.verbose:  # MLflow's INFO lines (table creation, migrations) and artifact bars are not the user's business
         import os
