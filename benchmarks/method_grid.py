@@ -40,6 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dard.config import deep_merge  # noqa: E402
+
 # name -> overrides of the dataset's teacher recipe (TRADES, onecycle, batch 64, wd 5e-4)
 TEACHERS = {
     "large trades lr0.1 40ep": {"optim": {"lr": 0.1, "epochs": 40}},  # TEACHER_DEFAULTS today
@@ -87,13 +89,6 @@ JOB_KEYS = ("dataset", "aa_limit", "kind", "name", "config", "seed", "raw", "pha
 
 class OutOfTime(Exception):
     pass
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in over.items():
-        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
-    return out
 
 
 # ---------------------------------------------------------------- jobs (run in pool processes)
@@ -207,7 +202,7 @@ def main() -> int:
     state = {"teacher": args.teacher, "teacher_name": args.teacher_name, "shards": {}, "selected": {}, "grid": set()}
 
     def student(name: str, config: str, seed: int, over: dict, phase: str, **extra) -> dict:
-        raw = _merge(_merge(student_base, over), {"run": {"seed": seed, "out_dir": str(
+        raw = deep_merge(deep_merge(student_base, over), {"run": {"seed": seed, "out_dir": str(
             work / "students" / f"{name}-{config}-s{seed}".replace(" ", "_").replace("/", "_"))}})
         return {**common, "kind": "student", "name": name, "config": config, "seed": seed, "raw": raw,
                 "phase": phase, "deadline": end - 30, **extra}
@@ -221,7 +216,7 @@ def main() -> int:
                     config = f"lr={lr} {label}={_knob_value(knob)}"
                     state["grid"].add((name, config))
                     extra = {} if name in ONLINE else {"shards": state["shards"]["constant"], "teacher": state["teacher"]}
-                    jobs.append(student(name, config, 0, _merge(knob, {"optim": {"lr": lr}}), "grid", **extra))
+                    jobs.append(student(name, config, 0, deep_merge(knob, {"optim": {"lr": lr}}), "grid", **extra))
         return jobs
 
     ctx = mp.get_context("spawn")
@@ -253,10 +248,10 @@ def main() -> int:
 
     # phase 1: teachers, and the grid of the methods that need none
     for name in teachers:
-        raw = _merge(TEACHERS[name], {"run": {"out_dir": str(work / "teachers" / name.replace(" ", "_")),
+        raw = deep_merge(TEACHERS[name], {"run": {"out_dir": str(work / "teachers" / name.replace(" ", "_")),
                                               "progress": False}})
         if teacher_epochs:
-            raw = _merge(raw, {"optim": {"epochs": teacher_epochs}})
+            raw = deep_merge(raw, {"optim": {"epochs": teacher_epochs}})
         submit(run_job, {**common, "kind": "teacher", "name": name, "raw": raw, "deadline": t0 + 0.45 * args.budget_s})
     for job in grid_jobs([n for n in GRID if n in ONLINE]):
         submit(run_job, job)
@@ -277,7 +272,7 @@ def main() -> int:
     student_raw = _config_dict(args.dataset, student_base)
     for schedule in ("constant", "cosine"):
         directory = str(work / f"shards-{schedule}")
-        submit(precompute_job, {**common, "kind": "shards", "raw": _merge(student_raw, {"attack": {"dpgd_schedule": schedule}}),
+        submit(precompute_job, {**common, "kind": "shards", "raw": deep_merge(student_raw, {"attack": {"dpgd_schedule": schedule}}),
                                 "teacher": state["teacher"], "out": directory, "views": args.views, "schedule": schedule})
     while "constant" not in state["shards"] and any(j["kind"] == "shards" for j in pending.values()):
         drain(end - time.time())
@@ -308,7 +303,7 @@ def main() -> int:
             template.update(shards=state["shards"]["constant"], teacher=state["teacher"])
         for seed in range(1, args.seeds):
             submit(run_job, {**template, "seed": seed, "phase": "final", "sanity": seed == 1, "deadline": end - 30,
-                             "raw": _merge(template["raw"], {"run": {
+                             "raw": deep_merge(template["raw"], {"run": {
                                  "seed": seed, "out_dir": template["raw"]["run"]["out_dir"][:-3] + f"-s{seed}"}})})
         if name == "DARD":
             for ab, over in ABLATIONS.items():
@@ -316,7 +311,7 @@ def main() -> int:
                 if shards is None:
                     continue
                 for seed in (0, 1, 2):
-                    raw = _merge(_merge(template["raw"], over), {"run": {
+                    raw = deep_merge(deep_merge(template["raw"], over), {"run": {
                         "seed": seed, "out_dir": str(work / "ablations" / f"{ab}-s{seed}".replace(" ", "_").replace("/", "_"))}})
                     submit(run_job, {**template, "name": ab, "config": sel, "seed": seed, "phase": "ablation",
                                      "raw": raw, "shards": shards, "deadline": end - 30})
@@ -339,7 +334,7 @@ def _key(job: dict) -> str:
 def _config_dict(dataset: str, over: dict) -> dict:
     from dard.config import Config
 
-    return _merge(Config.for_dataset(dataset).to_dict(), over)
+    return deep_merge(Config.for_dataset(dataset).to_dict(), over)
 
 
 def _knob_value(knob: dict) -> str:

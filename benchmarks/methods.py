@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.precompute import precompute  # noqa: E402
-from dard.config import NUM_CLASSES, Config, teacher_config  # noqa: E402
+from dard.config import NUM_CLASSES, Config, deep_merge, teacher_config  # noqa: E402
 from dard.data import load_splits, to_float  # noqa: E402
 from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
 from dard.models import load_model  # noqa: E402
@@ -60,13 +60,6 @@ REPORTED = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "au
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-=." else "_" for c in name)
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in over.items():
-        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
-    return out
 
 
 def main() -> int:
@@ -139,7 +132,7 @@ def main() -> int:
                 from tuning.space import apply
 
                 start = apply(base, tuned["presets"][preset]["best_params"])
-            raw = merge(start.to_dict(), merge(over, {"loss": {"method": method}, "run": {
+            raw = deep_merge(start.to_dict(), deep_merge(over, {"loss": {"method": method}, "run": {
                 "seed": seed, "out_dir": str(work / f"{slug(name)}-s{seed}")}}))
             cfg = Config.for_dataset(args.dataset, **raw)
             reader = open_shards(shards_for(cfg), cfg, check="fast")

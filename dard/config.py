@@ -148,8 +148,8 @@ class Config:
         """Defaults for ``dataset`` with ``sections`` (e.g. ``attack={"steps": 5}``) applied on top."""
         if dataset not in DATASET_DEFAULTS:
             raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-        base = _deep_merge(DATASET_DEFAULTS[dataset], {"data": {"dataset": dataset}})
-        return from_dict(_deep_merge(base, sections))
+        base = deep_merge(DATASET_DEFAULTS[dataset], {"data": {"dataset": dataset}})
+        return from_dict(deep_merge(base, sections))
 
     def validate(self) -> "Config":
         validate(self)
@@ -194,7 +194,7 @@ def teacher_config(dataset: str, **sections: dict[str, Any]) -> Config:
     """The dataset's default teacher recipe (``TEACHER_DEFAULTS``) with ``sections`` applied on top."""
     if dataset not in TEACHER_DEFAULTS:
         raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    return Config.for_dataset(dataset, **_deep_merge(TEACHER_DEFAULTS[dataset], sections))
+    return Config.for_dataset(dataset, **deep_merge(TEACHER_DEFAULTS[dataset], sections))
 
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -356,11 +356,11 @@ def save_yaml(cfg: Config, path: str | Path) -> Path:
     return path
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
