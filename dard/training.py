@@ -2,8 +2,9 @@
 
 ``fit`` is what ``dard train-teacher`` and ``dard distill`` run: build from the config, resume
 from ``<out_dir>/checkpoint.pt`` if asked, one checkpoint per epoch, a final model file
-``<out_dir>/model.pt`` and ``<out_dir>/history.jsonl`` (one JSON line per epoch). The pieces it
-uses (optimizer, schedule, batch streams, validation) are shared with ``cluster/train.py``.
+``<out_dir>/model.pt`` and ``<out_dir>/history.jsonl`` (one JSON line per epoch). The epoch loop
+is ``dard.engine.run_epochs``; the pieces around it (optimizer, schedule, batch streams, teacher
+loading) are shared with ``cluster/train.py``.
 """
 from __future__ import annotations
 
