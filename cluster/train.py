@@ -16,7 +16,6 @@ the group and the loop resumes from ``get_checkpoint()``; re-running the driver 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -29,7 +28,8 @@ from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
 from dard.data import load_splits
 from dard.engine import epoch_line, place_model, run_epochs, seed_everything
 from dard.models import arch_kwargs, build_for, save_model
-from dard.training import make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches
+from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches,
+                           with_online_teacher)
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -65,8 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard_teacher = reader.manifest["teacher"]
     online_teacher = online_teacher_for(cfg, config.get("teacher_path") or shard_teacher.get("path"), device,
                                         expected_sha256=shard_teacher.get("sha256"))
-    batches = source if online_teacher is None else \
-        (lambda e: (dataclasses.replace(b, online_teacher=online_teacher) for b in source(e)))
+    batches = with_online_teacher(source, online_teacher)
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, to_dict
-from dard.data import load_splits
+import torch
+
+from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
+from dard.data import ArrayDataset, load_splits
+from dard.engine import resolve_device
 from dard.models import file_sha256, load_teacher
 from dard.progress import progress_bar
 from dard.shards import (finished_part, fingerprint, make_manifest, resolve, write_manifest, write_part,
                          write_part_record)
-from dard.soft_labels import plan_parts
+from dard.soft_labels import compute_part, plan_parts
 
 log = logging.getLogger("dard")
 
@@ -57,13 +60,6 @@ MapParts = Callable[[Callable[[PartJob], dict], list[PartJob]], Iterable[dict]]
 
 def compute_part_job(job: PartJob) -> dict[str, Any]:
     """Compute and write one part; returns its manifest entry plus ``part_id``."""
-    import torch
-
-    from dard.config import from_dict
-    from dard.data import ArrayDataset
-    from dard.engine import resolve_device
-    from dard.soft_labels import compute_part
-
     cfg = from_dict(job.cfg)
     dataset = cfg.data.dataset
     teacher, _ = load_teacher(job.teacher_path, job.teacher_arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0],

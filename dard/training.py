@@ -71,6 +71,15 @@ def online_batches(ds: ArrayDataset, cfg: Config, epoch: int, teacher: nn.Module
         yield batch
 
 
+def with_online_teacher(source: Callable[[int], Iterator[TrainBatch]],
+                        teacher: nn.Module | None) -> Callable[[int], Iterator[TrainBatch]]:
+    """``source`` with the online teacher attached to every batch (``rob_target='teacher_adv'``);
+    ``source`` itself when there is none."""
+    if teacher is None:
+        return source
+    return lambda epoch: (dataclasses.replace(b, online_teacher=teacher) for b in source(epoch))
+
+
 def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full"):
     """A :class:`ShardReader` checked against the run (dataset, classes, eps, teacher if given)."""
     from dard.shards import ShardReader
@@ -162,9 +171,8 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     elif resume:
         log.info("no checkpoint at %s; starting from scratch", ckpt_path)
 
-    def batches(epoch: int) -> Iterator[TrainBatch]:
-        out = batch_source(epoch) if batch_source else online_batches(splits.train, cfg, epoch, teacher, device)
-        return (dataclasses.replace(b, online_teacher=online_teacher) for b in out) if online_teacher else out
+    batches = with_online_teacher(batch_source or (lambda e: online_batches(splits.train, cfg, e, teacher, device)),
+                                  online_teacher)
 
     def persist(epoch: int, metrics: dict, history: list) -> None:
         save_checkpoint(ckpt_path, checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
