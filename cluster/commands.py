@@ -6,11 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
 from dard.logs import to_file
 
 
+@owns_ray
 def cmd_precompute(args: argparse.Namespace) -> int:
     from cluster.precompute import precompute
 
@@ -24,6 +26,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+@owns_ray
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.train import train_distributed
 
@@ -69,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@owns_ray
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import DemoSettings, run_demo
 

@@ -1,7 +1,9 @@
 """Starting or joining Ray: loopback-only when we start it ourselves (docs/design.md §5, security)."""
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False):
@@ -38,3 +40,23 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def owns_ray(command):
+    """Wrap a CLI command so that a Ray it started is shut down before it returns or raises.
+
+    Then nothing a worker prints (say, on Ctrl-C) is forwarded after the command's last line;
+    a Ray that was running before (a test session's, a job's cluster) is left alone.
+    """
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        def running():  # without importing Ray for a command that never needs it (precompute --local)
+            return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+        started_here = not running()
+        try:
+            return command(*args, **kwargs)
+        finally:
+            if started_here and running():
+                sys.modules["ray"].shutdown()
+    return wrapper

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
 from dard.logs import to_file
@@ -18,6 +19,7 @@ def _uri(args) -> str:
     return check_tracking_uri(args.tracking_uri or default_tracking_uri())
 
 
+@owns_ray
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tuning.promote import promote
     from tuning.sweep import sweep
