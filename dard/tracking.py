@@ -180,6 +180,7 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
     import torch
     from mlflow.models import infer_signature
 
+    import dard
     from dard.models import load_model
 
     if tracking_uri:
@@ -192,9 +193,12 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         copy = Path(tmp) / MODEL_ARTIFACT
         shutil.copyfile(model_path, copy)
+        # Stated, not inferred: inference runs a subprocess that imports the model (~7 s a model).
+        requirements = [f"mlflow=={mlflow.__version__}", f"dard=={dard.__version__}",
+                        f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
         return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
                                        artifacts={"dard_model": str(copy)}, signature=signature,
-                                       registered_model_name=registered_name)
+                                       registered_model_name=registered_name, pip_requirements=requirements)
 
 
 def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,
