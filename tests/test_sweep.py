@@ -37,21 +37,59 @@ def sweep_args(env, name, *extra, epochs=6):
             "--set", "run.eval_limit=90", *extra]
 
 
-def test_sweep_tracks_registers_and_guards_the_champion(sweep_env, tmp_path, capsys):
+def test_sweep_interrupted_resumed_registered_and_guarded(sweep_env, tmp_path, capsys):
+    """One sweep, Ctrl-C after its first trial: exit 130, nothing registered; --resume runs the
+    other trial only, registers the champion; a worse sweep then leaves the alias alone."""
     from mlflow.tracking import MlflowClient
 
     from tuning.promote import show
     from tuning.sweep import child_runs
 
-    assert main(sweep_args(sweep_env, "first", "--trials", "2", "--space", "rslad-like", epochs=4)) == 0
+    # no early stopping here: every trial runs its 3 epochs, so "finished" is unambiguous
+    epochs = 3
+    args = sweep_args(sweep_env, "first", "--trials", "2", "--space", "rslad-like", "--grace-period", str(epochs),
+                      epochs=epochs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(tracking_uri=sweep_env["uri"])
+
+    def first_children():
+        parents = runs_named(client, "first")
+        return parents, (child_runs(sweep_env["uri"], parents[0].info.run_id) if parents else [])
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once the first trial has finished
+        parents, children = first_children()
+        if any(c.data.metrics.get("epoch") == epochs - 1 for c in children):  # a trial logged its last epoch
+            break
+        time.sleep(2)
+    time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("dard sweep: interrupted: sweep first interrupted after 1 of 2 trials; "
+                                            "nothing registered. Continue it with --resume --name first")
+    parents, children = first_children()
+    assert len(parents) == 1 and parents[0].info.status == "RUNNING"  # not closed: the sweep is not over
+    assert not any(k.startswith("best.") for k in parents[0].data.tags)
+    assert not client.search_registered_models()
+    finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
+    assert len(finished_before) == 1
+
+    assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "registered dard-digits-cnn_small v1" in out and "new champion" in out
-    client = MlflowClient(tracking_uri=sweep_env["uri"])
-    parent_id = runs_named(client, "first")[0].info.run_id
-    children = child_runs(sweep_env["uri"], parent_id)
-    assert len(children) == 2
-    for child in children:  # each trial's own parameters, normalised weights summing to 1
-        p = child.data.params
+    parents, children = first_children()
+    assert len(parents) == 1  # the same parent run continues
+    finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
+    assert len(set(finished)) == 2 and len(finished) == 2  # N trials in total, the finished one not re-run
+    assert finished_before <= set(finished)
+    assert parents[0].info.status == "FINISHED" and any(k.startswith("best.") for k in parents[0].data.tags)
+    # the execution that Ctrl-C stopped was replaced by the resumed one: closed KILLED, not left open
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    for child in (c for c in children if c.info.status == "FINISHED"):  # each trial's own parameters,
+        p = child.data.params                                              # normalised weights summing to 1
         assert float(p["loss.w_adv"]) + float(p["loss.w_rob"]) + float(p["loss.w_nat"]) == pytest.approx(1, abs=1e-6)
         assert "trial.temperature" in p and "val_pgd_acc" in child.data.metrics
     versions = show(sweep_env["uri"], "dard-digits-cnn_small")
@@ -78,49 +116,6 @@ def test_sweep_tracks_registers_and_guards_the_champion(sweep_env, tmp_path, cap
     assert main(["registry", "show", "dard-digits-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
     shown = capsys.readouterr().out
     assert "v1" in shown and "aliases=champion" in shown and "v2" in shown
-
-
-def test_interrupted_sweep_resumes_to_n_trials(sweep_env, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from tuning.sweep import child_runs
-
-    # no early stopping here: every trial runs its 2 epochs, so "finished" is unambiguous
-    args = sweep_args(sweep_env, "resumable", "--trials", "2", "--no-promote", "--grace-period", "2", epochs=2)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(tracking_uri=sweep_env["uri"])
-
-    def resumable_children():
-        parents = runs_named(client, "resumable")
-        return parents, (child_runs(sweep_env["uri"], parents[0].info.run_id) if parents else [])
-
-    deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once the first trial has finished
-        parents, children = resumable_children()
-        if any(c.data.metrics.get("epoch") == 1 for c in children):  # a trial logged its last epoch
-            break
-        time.sleep(2)
-    time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("dard sweep: interrupted: sweep resumable interrupted after 1 of 2 trials; "
-                                            "nothing registered. Continue it with --resume --name resumable")
-    parents, children = resumable_children()
-    assert len(parents) == 1 and parents[0].info.status == "RUNNING"  # not closed: the sweep is not over
-    assert not any(k.startswith("best.") for k in parents[0].data.tags)
-    finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
-    assert len(finished_before) == 1
-
-    assert main([*args, "--resume"]) == 0
-    parents, children = resumable_children()
-    assert len(parents) == 1  # the same parent run continues
-    finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
-    assert len(set(finished)) == 2 and len(finished) == 2  # N trials in total, the finished one not re-run
-    assert finished_before <= set(finished)
-    assert parents[0].info.status == "FINISHED" and any(k.startswith("best.") for k in parents[0].data.tags)
 
 
 def test_bad_inputs_fail_before_any_trial(sweep_env, capsys):
