@@ -27,7 +27,8 @@ from pathlib import Path
 from dard.config import NUM_CLASSES, Config, teacher_config
 from dard.data import load_splits, to_float
 from dard.logs import LOG_FILE
-from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
+from dard.evaluate import ATTACKS, EvalSettings, evaluate_model
+from dard.report import write_report
 from dard.models import file_sha256, load_model
 from dard.shards import ShardError, verify
 from dard.tracking import METRIC, EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote

@@ -137,7 +137,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dard.config import Config as _Config
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
-    from dard.evaluate import ATTACKS, EvalSettings, evaluate_model, write_report
+    from dard.evaluate import ATTACKS, EvalSettings, evaluate_model
+    from dard.report import write_report
     from dard.config import NUM_CLASSES
     from dard.models import load_model
 

@@ -3,7 +3,8 @@ import json
 import torch
 from torch import nn
 
-from dard.evaluate import EvalSettings, evaluate_model, write_report
+from dard.evaluate import EvalSettings, evaluate_model
+from dard.report import write_report
 from tests.conftest import load
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dard.cli import main
-from dard.tracking import METRIC, TrackingError
+from dard.tracking import METRIC
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.ray

@@ -4,7 +4,6 @@ import pytest
 
 from dard.models import load_model
 from dard.video import VideoError, make_sample, read_frames, run_video, write_frames
-from tests.conftest import load
 
 
 def test_video_on_the_sample_clip(trained_models, tmp_path):

@@ -1,0 +1,108 @@
+"""Rendering a robustness report (:class:`dard.evaluate.Report`): JSON, CSV, eps-curve and
+example plots, and one self-contained HTML page. The protocol itself is in ``dard/evaluate.py``."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dard.evaluate import Report
+
+
+def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") -> dict[str, Path]:
+    """Writes ``<stem>.json``, ``<stem>.csv`` and ``<stem>-eps.png``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["attack", "accuracy", "samples", "seconds"])
+        for name, acc in report.accuracy.items():
+            w.writerow([name, f"{acc:.6f}", report.samples[name], f"{report.seconds.get(name, 0):.2f}"])
+    if report.eps_curve:
+        paths["png"] = plot_eps_curve(report.eps_curve, out_dir / f"{stem}-eps.png",
+                                      title=report.meta.get("model", "model"))
+    if report.examples is not None:
+        paths["grid"] = plot_examples(report.examples, out_dir / f"{stem}-examples.png")
+    paths["html"] = write_html(report, paths, out_dir / f"{stem}.html")
+    return paths
+
+
+def plot_examples(ex: dict, path: Path) -> Path:
+    """Two rows of images: natural (top) and PGD-20 (bottom), each titled 'pred (conf)'; red = wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(ex["y"])
+    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6), dpi=110, squeeze=False)
+    for row, (key, pred, conf) in enumerate((("x", "pred", "conf"), ("x_adv", "pred_adv", "conf_adv"))):
+        for i in range(n):
+            ax = axes[row][i]
+            img = ex[key][i].permute(1, 2, 0).numpy()
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ok = int(ex[pred][i]) == int(ex["y"][i])
+            ax.set_title(f"{int(ex[pred][i])} ({100 * float(ex[conf][i]):.0f}%)", fontsize=7,
+                         color="black" if ok else "red")
+            ax.axis("off")
+    axes[0][0].text(-0.6, 0.5, "natural", transform=axes[0][0].transAxes, rotation=90, va="center", fontsize=8)
+    axes[1][0].text(-0.6, 0.5, "PGD-20", transform=axes[1][0].transAxes, rotation=90, va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_html(report: Report, paths: dict[str, Path], path: Path) -> Path:
+    """One self-contained page: table, sanity checks, eps curve and example grid (images inlined)."""
+    import base64
+    import html
+
+    def img(key: str) -> str:
+        if key not in paths:
+            return ""
+        data = base64.b64encode(Path(paths[key]).read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{100 * a:.2f}%</td><td>{report.samples[n]}</td></tr>"
+                   for n, a in report.accuracy.items())
+    checks = "".join(f'<li style="color:{"green" if c.passed else "red"}">{"ok" if c.passed else "WARNING"} '
+                     f"<b>{html.escape(c.name)}</b>: {html.escape(c.detail)}</li>" for c in report.checks)
+    m = report.meta
+    s = report.settings
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>dard robustness report</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:2px 12px;text-align:right}}
+td:first-child{{text-align:left}}</style></head><body>
+<h2>Robustness report: {html.escape(str(m.get("model", "")))}</h2>
+<p>{html.escape(str(m.get("arch", "")))} on {html.escape(str(m.get("dataset", "")))} ({html.escape(str(m.get("split", "")))} split);
+L-inf eps {s.get("eps", 0):.4g}, step {s.get("step_size", 0):.4g}, inputs in [0, 1]</p>
+<table><tr><th>attack</th><th>accuracy</th><th>samples</th></tr>{rows}</table>
+<h3>Sanity checks</h3><ul>{checks or "<li>not run</li>"}</ul>
+<h3>Accuracy vs eps (PGD-10)</h3>{img("png")}
+<h3>Examples: natural (top) vs PGD-20 (bottom), prediction (confidence); red = wrong</h3>{img("grid")}
+</body></html>"""
+    Path(path).write_text(body)
+    return Path(path)
+
+
+def plot_eps_curve(curve: list[tuple[float, float]], path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ax.plot([255 * e for e, _ in curve], [100 * a for _, a in curve], marker="o")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("PGD-10 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
