@@ -27,7 +27,8 @@ from pathlib import Path
 from dard.config import NUM_CLASSES, Config, teacher_config
 from dard.data import load_splits, to_float
 from dard.logs import LOG_FILE
-from dard.evaluate import ATTACKS, EvalSettings, evaluate_model
+from dard.attacks.registry import AUTOATTACK, PROTOCOL
+from dard.evaluate import EvalSettings, evaluate_model
 from dard.report import write_report
 from dard.models import file_sha256, load_model
 from dard.shards import ShardError, verify
@@ -153,14 +154,14 @@ def run_demo(s: DemoSettings) -> dict:
                      f"PGD-10 {100 * result.metrics['val_pgd_acc']:.1f}%")
         students[method] = (model_path, cfg, logger)
 
-    t = _stage(5, "the attack suite on the test split: " + ", ".join(ATTACKS)
+    t = _stage(5, "the attack suite on the test split: " + ", ".join(PROTOCOL)
                + ("" if s.teacher_aa else " (the teacher without AutoAttack; --teacher-aa adds it)"))
     test = load_splits(student_cfg.data).test
     x, y = to_float(test.images), test.labels
     reports = {}
     for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
         model, header = load_model(path)
-        attacks = ATTACKS if name != "teacher" or s.teacher_aa else tuple(a for a in ATTACKS if a != "autoattack")
+        attacks = PROTOCOL if name != "teacher" or s.teacher_aa else tuple(a for a in PROTOCOL if a != AUTOATTACK)
         settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size, attacks=attacks,
                                 limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=NUM_CLASSES["digits"])
         report = evaluate_model(model, x, y, settings)
@@ -201,14 +202,14 @@ def run_demo(s: DemoSettings) -> dict:
 def side_by_side(reports: dict) -> str:
     """Accuracy per attack (rows) and model (columns); "—" where a model was not attacked so."""
     names = list(reports)
-    attacks = [a for a in ATTACKS if any(a in r.accuracy for r in reports.values())]
+    attacks = [a for a in PROTOCOL if any(a in r.accuracy for r in reports.values())]
     head = f"{'accuracy (%)':<13}" + "".join(f"{n:>10}" for n in names)
     lines = [head, "-" * len(head)]
     for a in attacks:
         lines.append(f"{a:<13}" + "".join(f"{100 * reports[n].accuracy[a]:>10.1f}" if a in reports[n].accuracy
                                           else f"{'—':>10}" for n in names))
     n = {r.samples["natural"] for r in reports.values()}.pop()
-    aa = {name: r.samples["autoattack"] for name, r in reports.items() if "autoattack" in r.samples}
+    aa = {name: r.samples[AUTOATTACK] for name, r in reports.items() if AUTOATTACK in r.samples}
     note = f"test split, eps 0.2, {n} samples"
     if aa:
         note += f"; AutoAttack (standard) on the first {set(aa.values()).pop()}"

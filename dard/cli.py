@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from dard import logs
-from dard.config import DATASETS, DIVERGENCES, DPGD_LOSSES, METHODS, STEP_SCHEDULES, Config, ConfigError, load_yaml
+from dard.config import DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, METHODS, STEP_SCHEDULES, Config, ConfigError, load_yaml
 
 log = logging.getLogger("dard")
 
@@ -137,7 +137,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dard.config import Config as _Config
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
-    from dard.evaluate import ATTACKS, EvalSettings, evaluate_model
+    from dard.attacks.registry import PROTOCOL, check_names
+    from dard.evaluate import EvalSettings, evaluate_model
     from dard.report import write_report
     from dard.config import NUM_CLASSES
     from dard.models import load_model
@@ -160,10 +161,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or "auto")
     model = model.to(device)
     split = getattr(load_splits(cfg.data), args.split)
-    attacks = tuple(args.attacks.split(",")) if args.attacks else ATTACKS
-    unknown = set(attacks) - set(ATTACKS)
-    if unknown:
-        raise ConfigError(f"--attacks: unknown {sorted(unknown)}; choose from {','.join(ATTACKS)}")
+    attacks = tuple(args.attacks.split(",")) if args.attacks else PROTOCOL
+    check_names(attacks, what="--attacks")
     settings = EvalSettings(eps=args.eps if args.eps is not None else cfg.attack.eps,
                             step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
                             attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
@@ -279,7 +278,7 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--data-dir")
-    p.add_argument("--attacks", help="comma list (default: all): natural,fgsm,pgd20,bim10,tpgd10,cw20,dpgd20,autoattack")
+    p.add_argument("--attacks", help=f"comma list (default: all): {','.join(EVAL_ATTACKS)}")
     p.add_argument("--limit", type=int, help="evaluate the first N samples")
     p.add_argument("--aa-limit", type=int, default=500, help="AutoAttack on the first N samples (default 500)")
     p.add_argument("--eps", type=pixel_value)
@@ -305,7 +304,8 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("video", help="classify a clip natural vs attacked: annotated side-by-side MP4 + CSV")
     p.add_argument("--input", help="video file")
     p.add_argument("--model", help="dard model file or models:/NAME@ALIAS")
-    p.add_argument("--attack", choices=("dpgd", "pgd", "none"), default="dpgd")
+    p.add_argument("--attack", choices=[a for a in EVAL_ATTACKS if a != "autoattack"], default="dpgd20",
+                   help="the attacked panel (natural: none)")
     p.add_argument("--out", help="output MP4 (with --make-sample: the sample clip to write)")
     p.add_argument("--labels", help="CSV with frame,label (default: <input>.labels.csv if present)")
     p.add_argument("--eps", type=pixel_value, help="default: the model's training eps")

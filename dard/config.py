@@ -22,6 +22,9 @@ METHODS = TEACHER_METHODS + DISTILL_METHODS
 DIVERGENCES = ("kl", "dice")
 DPGD_LOSSES = ("dice", "ce", "dice+ce", "cw")
 STEP_SCHEDULES = ("constant", "cosine", "apgd")
+# The evaluation protocol's attacks, in report order (here, without torch, for the CLI's help);
+# their functions are dard.attacks.registry.ATTACKS, which checks that it has exactly these.
+EVAL_ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
 LR_SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 ROB_TARGETS = ("teacher_nat", "self", "teacher_adv", "label")
 

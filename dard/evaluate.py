@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from dard.attacks.autoattack import autoattack
-from dard.attacks.dpgd import dpgd
-from dard.attacks.pgd import bim, cw_inf, fgsm, pgd, projected_gradient_attack, trades_pgd
+from dard.attacks.pgd import projected_gradient_attack
+from dard.attacks.registry import ATTACKS, AUTOATTACK, PROTOCOL, AttackParams, check_names
 from dard.engine import correct_under
 from dard.progress import progress_bar
 
-ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
 EPS_CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 LARGE_EPS = 0.5
 
@@ -43,7 +42,7 @@ class EvalSettings:
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
-    attacks: tuple[str, ...] = ATTACKS
+    attacks: tuple[str, ...] = PROTOCOL
     limit: int | None = None
     autoattack_limit: int | None = 1000  # AutoAttack is minutes per hundred samples on a CPU
     autoattack_version: str = "standard"
@@ -94,30 +93,16 @@ class Report:
         return "\n".join(lines)
 
 
-def _attack_fns(s: EvalSettings, gen_seed: int) -> dict[str, Callable]:
-    eps, step = s.eps, s.step_size
-
-    def gen() -> torch.Generator:
-        return torch.Generator().manual_seed(gen_seed)
-
-    return {
-        "natural": None,
-        "fgsm": lambda m, x, y: fgsm(m, x, y, eps, labels_for_early_keep=y),
-        "pgd20": lambda m, x, y: pgd(m, x, y, eps, step, 20, labels_for_early_keep=y, generator=gen()),
-        "bim10": lambda m, x, y: bim(m, x, y, eps, step, 10, labels_for_early_keep=y),
-        "tpgd10": lambda m, x, y: trades_pgd(m, x, eps, step, 10, labels_for_early_keep=y, generator=gen()),
-        "cw20": lambda m, x, y: cw_inf(m, x, y, eps, step, 20, labels_for_early_keep=y, generator=gen()),
-        "dpgd20": lambda m, x, y: dpgd(m, x, y, eps=eps, step_size=step, steps=20, loss=s.dpgd_loss,
-                                       schedule=s.dpgd_schedule, labels_for_early_keep=y, generator=gen()),
-    }
+def _bound(name: str, s: EvalSettings) -> Callable:
+    """The registry's attack ``name`` with ``s``'s parameters, as ``attack(model, x, y) -> x_adv``."""
+    params = AttackParams(s.eps, s.step_size, s.seed, s.dpgd_loss, s.dpgd_schedule)
+    return lambda m, x, y: ATTACKS[name](m, x, y, params)
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
                    progress: bool = True) -> Report:
     """Run the protocol on x (N, C, H, W) in [0, 1], y (N,). Returns a :class:`Report`."""
-    unknown = set(settings.attacks) - set(ATTACKS)
-    if unknown:
-        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    check_names(settings.attacks)
     for name in ("limit", "autoattack_limit"):
         value = getattr(settings, name)
         if value is not None and value < 1:
@@ -126,27 +111,26 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings:
         x, y = x[:settings.limit], y[:settings.limit]
     model.eval()
     device = next(model.parameters()).device
-    fns = _attack_fns(settings, settings.seed)
     accuracy, samples, seconds = {}, {}, {}
     correct: dict[str, torch.Tensor] = {}
-    names = [a for a in ATTACKS if a in settings.attacks or a == "natural"]
+    names = [a for a in PROTOCOL if a in settings.attacks or a == "natural"]
     with progress_bar(len(names), "evaluate", enabled=progress) as bar:
         for name in names:
             start = time.perf_counter()
-            if name == "autoattack":
+            if name == AUTOATTACK:
                 n = settings.autoattack_limit or len(y)
                 result = autoattack(model, x[:n], y[:n], eps=settings.eps, num_classes=settings.num_classes,
                                     version=settings.autoattack_version, batch_size=settings.batch_size,
                                     seed=settings.seed, device=device, progress=progress)
                 correct[name] = result.robust
             else:
-                correct[name] = correct_under(model, x, y, fns[name], settings.batch_size)
+                correct[name] = correct_under(model, x, y, _bound(name, settings), settings.batch_size)
             accuracy[name] = correct[name].float().mean().item()
             samples[name] = len(correct[name])
             seconds[name] = time.perf_counter() - start
             bar.update(1, attack=name)
     report = Report(accuracy, samples, settings=asdict(settings), seconds=seconds, correct=correct)
-    report.examples = _examples(model, x[:16], y[:16], fns["pgd20"] if "pgd20" in fns else None)
+    report.examples = _examples(model, x[:16], y[:16], _bound("pgd20", settings))
     if settings.eps_curve:
         report.eps_curve = eps_curve(model, x, y, settings)
     if settings.sanity_checks:
@@ -204,7 +188,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSet
                              "PGD-20 and BIM-10 no weaker than FGSM" if not weaker else
                              "weaker than FGSM: " + ", ".join(f"{n} {100 * acc[n]:.2f}% > fgsm {100 * acc['fgsm']:.2f}%"
                                                               for n in weaker)))
-    white = {k: v for k, v in acc.items() if k not in ("natural", "autoattack")}
+    white = {k: v for k, v in acc.items() if k not in ("natural", AUTOATTACK)}
     if white:
         n_square = min(len(y), s.autoattack_limit or len(y), 500)
         start = time.perf_counter()

@@ -166,11 +166,11 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
               eps: float, step_size: float, labels_path: str | Path | None = None, batch_size: int = 64,
               seed: int = 0) -> VideoResult:
     """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV."""
-    from dard.attacks import dpgd, pgd
+    from dard.attacks.registry import ATTACKS, AttackParams
     from dard.config import IMAGE_SHAPE
 
-    if attack not in ("dpgd", "pgd", "none"):
-        raise VideoError(f"--attack must be dpgd, pgd or none, got {attack!r}")
+    if attack not in ATTACKS:
+        raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
     frames, fps, comment = read_frames(input_path)
     dataset = header.get("dataset")
     if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
@@ -184,18 +184,13 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
     model.eval()
     labels = read_labels(labels_path, len(x), header["num_classes"]) if labels_path else None
     nat_p, adv_p, x_adv_all = [], [], []
-    gen = torch.Generator().manual_seed(seed)
+    params = AttackParams(eps, step_size, seed)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         with torch.no_grad():
             p = torch.softmax(model(xb), 1)
         target = labels[i:i + batch_size].to(device) if labels is not None else p.argmax(1)
-        if attack == "pgd":
-            xa = pgd(model, xb, target, eps, step_size, 20, generator=gen)
-        elif attack == "dpgd":
-            xa = dpgd(model, xb, target, eps=eps, step_size=step_size, steps=20, generator=gen)
-        else:
-            xa = xb
+        xa = ATTACKS[attack](model, xb, target, params)
         with torch.no_grad():
             pa = torch.softmax(model(xa), 1)
         nat_p.append(p.cpu())

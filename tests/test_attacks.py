@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from dard.attacks import (bim, ce_loss, cw_inf, dice_loss, dpgd, dpgd_inner_loss, fgsm, pgd,
                           projected_gradient_attack, targeted_pgd, trades_pgd)
 from dard.attacks.autoattack import autoattack
+from dard.attacks.registry import ATTACKS, AttackParams
+from dard.config import EVAL_ATTACKS
 from tests.conftest import load
 
 EPS, STEP = 0.2, 0.05
@@ -122,3 +124,14 @@ def test_autoattack_runs_on_a_small_subset(trained_models, digits_test):
     # FAB-T calls backward: nothing may land in the parameters, and their flags come back as they were
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert "fab-t" in result.per_attack_accuracy  # FAB-T really ran (points stayed robust after APGD)
+
+
+@pytest.mark.parametrize("name", [a for a in EVAL_ATTACKS if a != "autoattack"])
+def test_protocol_attacks_have_one_call_shape(name, tiny_model, digits_test):
+    """Every attack of the evaluation protocol: attack(model, x, y, params) -> x_adv, seeded."""
+    x, y = digits_test[0][:32], digits_test[1][:32]
+    params = AttackParams(EPS, STEP, seed=3)
+    first, again = ATTACKS[name](tiny_model, x, y, params), ATTACKS[name](tiny_model, x, y, params)
+    assert torch.equal(first, again)  # the same call, the same result (no shared generator state)
+    assert first.shape == x.shape and (first - x).abs().max() <= EPS + 1e-6 and first.min() >= 0 and first.max() <= 1
+    assert (name == "natural") == torch.equal(first, x)

@@ -11,7 +11,7 @@ def test_video_on_the_sample_clip(trained_models, tmp_path):
     frames, fps, comment = read_frames(clip)
     assert frames.shape[0] == 24 and comment == "dard-dataset=digits"
     model, header = load_model(trained_models["natural"]["model_path"])
-    result = run_video(clip, model, header, attack="pgd", out=tmp_path / "out.mp4", eps=0.2, step_size=0.05,
+    result = run_video(clip, model, header, attack="pgd20", out=tmp_path / "out.mp4", eps=0.2, step_size=0.05,
                        labels_path=labels)
     decoded, _, _ = read_frames(result.video)
     assert decoded.shape[0] == 24  # ffmpeg decodes the same number of frames
@@ -25,12 +25,12 @@ def test_video_on_the_sample_clip(trained_models, tmp_path):
 def test_video_errors(trained_models, tmp_path):
     model, header = load_model(trained_models["natural"]["model_path"])
     with pytest.raises(VideoError, match="not found"):
-        run_video(tmp_path / "missing.mp4", model, header, attack="pgd", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(tmp_path / "missing.mp4", model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(VideoError, match="not a readable video|no video stream"):
-        run_video(tmp_path / "junk.mp4", model, header, attack="pgd", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(tmp_path / "junk.mp4", model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     import numpy as np
 
     clip = write_frames(tmp_path / "c10.mp4", np.zeros((2, 32, 32, 3), np.uint8), 4, comment="dard-dataset=cifar10")
     with pytest.raises(VideoError, match="made for 'cifar10'.*trained on 'digits'"):
-        run_video(clip, model, header, attack="pgd", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
