@@ -38,9 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     logger = None
     if not args.no_tracking:
         from cluster.train import run_storage
-        from dard.tracking import EpochLogger, check_tracking_uri, default_tracking_uri, resumable_run
+        from dard.tracking import EpochLogger, check_tracking_uri, resumable_run
 
-        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+        uri = check_tracking_uri(args.tracking_uri)
         # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or
         # Ctrl-C) continues the run it started instead of opening a second one.
         marker = Path(run_storage(cfg, args.storage_path)) / args.name / "mlflow_run.json"

@@ -97,7 +97,6 @@ def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
 def run_demo(s: DemoSettings) -> dict:
     from cluster.precompute import precompute
     from cluster.train import train_distributed
-    from dard.tracking import default_tracking_uri
 
     out = Path(s.out).absolute()
     if s.fresh and out.exists():
@@ -107,7 +106,7 @@ def run_demo(s: DemoSettings) -> dict:
             elif child.name != LOG_FILE:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    uri = check_tracking_uri(s.tracking_uri or default_tracking_uri())
+    uri = check_tracking_uri(s.tracking_uri)
     data = {"limit_train": s.limit_train}
     summary: dict = {"out": str(out), "tracking_uri": uri}
 

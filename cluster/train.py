@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
-from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
+from dard.config import Config, from_dict, to_dict
 from dard.data import load_splits
 from dard.engine import epoch_line, place_model, run_epochs, seed_everything
-from dard.models import arch_kwargs, build_for, save_model
+from dard.models import build_for, save_for
 from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches,
                            with_online_teacher)
 
@@ -198,8 +198,6 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
             "teacher": state["extra"].get("teacher"), "shards": {"directory": shards_abs,
                                                                  "fingerprint": state["extra"].get("shards")},
             "distributed": {"workers": workers, "use_gpu": use_gpu, "seconds": time.time() - started}}
-    save_model(out_path, model, arch=cfg.model.arch, num_classes=NUM_CLASSES[cfg.data.dataset],
-               in_channels=IMAGE_SHAPE[cfg.data.dataset][0], dataset=cfg.data.dataset,
-               arch_kwargs=arch_kwargs(cfg.model), meta=meta)
+    save_for(out_path, model, cfg.model, cfg.data.dataset, meta)
     return DistributedResult(metrics=state["history"][-1], checkpoint_dir=str(checkpoint_dir), model_path=str(out_path),
                              run_path=str(result.path), history=list(state["history"]))

@@ -38,9 +38,10 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
-    """Fail fast with a clear error if the store cannot be reached; returns the absolute URI."""
-    uri = absolute_uri(uri)
+def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
+    """The store to use (``uri``, else :func:`default_tracking_uri`), as an absolute URI; fails fast
+    with a clear error if it cannot be reached."""
+    uri = absolute_uri(uri or default_tracking_uri())
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
@@ -229,7 +230,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
     if "@" not in spec and "/" not in spec:
         raise TrackingError(f"{model_uri}: name an alias or a version, e.g. models:/{spec}@champion or models:/{spec}/1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = check_tracking_uri(tracking_uri or default_tracking_uri())  # unreachable: fails at once, no retries
+    uri = check_tracking_uri(tracking_uri)  # unreachable: fails at once, no retries
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     try:

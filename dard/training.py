@@ -23,7 +23,7 @@ from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, save_yaml, to_dict
 from dard.data import ArrayDataset, iterate_batches, num_batches, load_splits
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs, seed_everything, seed_for
 from dard.losses import NEEDS_TEACHER, TrainBatch, needs_online_teacher, needs_teacher_adv
-from dard.models import arch_kwargs, build_for, file_sha256, load_teacher, save_model
+from dard.models import build_for, file_sha256, load_teacher, save_for
 from dard.teacher import teacher_outputs
 
 log = logging.getLogger("dard")
@@ -192,7 +192,5 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": metrics,
             "teacher": {k: teacher_header[k] for k in ("arch", "sha256", "path") if k in teacher_header}
             if teacher_header else None, **(extra_meta or {})}
-    model_path = save_model(out_dir / "model.pt", model, arch=cfg.model.arch, num_classes=NUM_CLASSES[cfg.data.dataset],
-                            in_channels=IMAGE_SHAPE[cfg.data.dataset][0], dataset=cfg.data.dataset,
-                            arch_kwargs=arch_kwargs(cfg.model), meta=meta)
+    model_path = save_for(out_dir / "model.pt", model, cfg.model, cfg.data.dataset, meta)
     return {**metrics, "model_path": str(model_path), "checkpoint_path": str(ckpt_path), "out_dir": str(out_dir)}

@@ -10,13 +10,7 @@ from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
 from dard.logs import to_file
-from dard.tracking import METRIC
-
-
-def _uri(args) -> str:
-    from dard.tracking import check_tracking_uri, default_tracking_uri
-
-    return check_tracking_uri(args.tracking_uri or default_tracking_uri())
+from dard.tracking import METRIC, check_tracking_uri
 
 
 @owns_ray
@@ -27,7 +21,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.run_dir:
         cfg.run.out_dir = args.run_dir
-    uri = _uri(args)
+    uri = check_tracking_uri(args.tracking_uri)
     to_file(Path(args.storage_path or Path(cfg.run.out_dir) / "sweeps") / args.name)
     result = sweep(cfg, args.shards, args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
                    name=args.name, storage_path=args.storage_path, tracking_uri=uri, experiment=args.experiment,
@@ -52,7 +46,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     from tuning.promote import promote, show, sweep_best_config
 
-    uri = _uri(args)
+    uri = check_tracking_uri(args.tracking_uri)
     if args.registry_command == "promote":
         from mlflow.tracking import MlflowClient
 
@@ -81,7 +75,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    uri = _uri(args)
+    uri = check_tracking_uri(args.tracking_uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl+C to stop")

@@ -122,7 +122,6 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     Everything that can be wrong with the inputs (space, config, shards, tracking URI) fails
     here, before any trial starts.
     """
-    from dard.tracking import default_tracking_uri
     from dard.training import open_shards
 
     space_dict = load_space(space) if isinstance(space, str) else validate_space(space)
@@ -132,7 +131,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         raise ValueError("space: method must be a fixed value (one method per sweep, equal trials per method)")
     cfg.loss.method = space_dict.get("method", cfg.loss.method)
     cfg.validate()
-    uri = check_tracking_uri(tracking_uri or default_tracking_uri())
+    uri = check_tracking_uri(tracking_uri)
     open_shards(shards, cfg, check="full")
     storage = Path(storage_path or Path(cfg.run.out_dir) / "sweeps").absolute()
     experiment_path = storage / name
@@ -225,16 +224,13 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) ->
     import tempfile
 
     from dard.checkpoint import load_checkpoint
-    from dard.config import IMAGE_SHAPE, NUM_CLASSES
     from dard.data import load_splits, to_float
-    from dard.models import arch_kwargs, build_for, save_model
+    from dard.models import build_for, save_for
 
     model = build_for(cfg.model, cfg.data.dataset)
     model.load_state_dict(load_checkpoint(Path(checkpoint_path) / "checkpoint.pt")["model"])
-    dataset = cfg.data.dataset
-    path = save_model(Path(tempfile.mkdtemp()) / "model.pt", model, arch=cfg.model.arch, num_classes=NUM_CLASSES[dataset],
-                      in_channels=IMAGE_SHAPE[dataset][0], dataset=dataset, arch_kwargs=arch_kwargs(cfg.model),
-                      meta={"method": cfg.loss.method, "config": cfg.to_dict()})
+    path = save_for(Path(tempfile.mkdtemp()) / "model.pt", model, cfg.model, cfg.data.dataset,
+                    {"method": cfg.loss.method, "config": cfg.to_dict()})
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 
