@@ -21,14 +21,14 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dard.config import NUM_CLASSES, Config, teacher_config
 from dard.data import load_splits, to_float
 from dard.logs import LOG_FILE
 from dard.attacks.registry import AUTOATTACK, PROTOCOL
-from dard.evaluate import EvalSettings, evaluate_model
+from dard.evaluate import EvalSettings, Report, evaluate_model
 from dard.report import write_report
 from dard.models import file_sha256, load_model
 from dard.shards import ShardError, verify
@@ -94,6 +94,18 @@ def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
     return model, f"trained {model}"
 
 
+def _previous_report(folder: Path, stem: str, sha256: str, settings: EvalSettings):
+    """(report, its files) from an earlier run when it was made of this very model file with these
+    settings (evaluation is deterministic: it would give the same numbers); else None."""
+    try:
+        report = Report.from_dict(json.loads((folder / f"{stem}.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.meta.get("model_sha256") != sha256 or report.settings != json.loads(json.dumps(asdict(settings))):
+        return None
+    return report, {p.name: p for p in folder.glob(f"{stem}*") if p.name.startswith((f"{stem}.", f"{stem}-"))}
+
+
 def run_demo(s: DemoSettings) -> dict:
     from cluster.precompute import precompute
     from cluster.train import train_distributed
@@ -157,16 +169,24 @@ def run_demo(s: DemoSettings) -> dict:
                + ("" if s.teacher_aa else " (the teacher without AutoAttack; --teacher-aa adds it)"))
     test = load_splits(student_cfg.data).test
     x, y = to_float(test.images), test.labels
-    reports = {}
+    reports, reused = {}, []
     for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
-        model, header = load_model(path)
         attacks = PROTOCOL if name != "teacher" or s.teacher_aa else tuple(a for a in PROTOCOL if a != AUTOATTACK)
         settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size, attacks=attacks,
                                 limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=NUM_CLASSES["digits"])
+        sha256 = file_sha256(path)
+        previous = _previous_report(out / "reports", name.lower(), sha256, settings)
+        if previous is not None:
+            reports[name] = previous
+            reused.append(name)
+            continue
+        model, header = load_model(path)
         report = evaluate_model(model, x, y, settings)
-        report.meta = {"model": name, "arch": header["arch"], "dataset": "digits", "split": "test"}
+        report.meta = {"model": name, "arch": header["arch"], "dataset": "digits", "split": "test",
+                       "model_sha256": sha256}
         reports[name] = (report, write_report(report, out / "reports", stem=name.lower()))
-    _done(t, f"reports in {out / 'reports'}")
+    _done(t, (f"reused the reports of {', '.join(reused)} (same model files, same settings); " if reused else "")
+          + f"reports in {out / 'reports'}")
 
     t = _stage(6, f"MLflow ({uri}): metrics, reports, models; register the DARD student")
     for method, label in (("dard", "DARD"), ("sat", "SAT")):

@@ -84,6 +84,13 @@ class Report:
                 "checks": [asdict(c) for c in self.checks], "settings": self.settings, "seconds": self.seconds,
                 "meta": self.meta}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """The inverse of :meth:`to_dict` (a report JSON read back; no examples, no per-sample masks)."""
+        return cls(dict(d["accuracy"]), dict(d["samples"]), [tuple(p) for p in d.get("eps_curve", [])],
+                   [Check(**c) for c in d.get("checks", [])], dict(d.get("settings", {})),
+                   dict(d.get("seconds", {})), dict(d.get("meta", {})))
+
     def table(self) -> str:
         lines = [f"{'attack':<12} {'accuracy':>9} {'samples':>8} {'seconds':>8}"]
         for name, acc in self.accuracy.items():

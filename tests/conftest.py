@@ -53,7 +53,7 @@ def ray_session():
     """One local Ray for every test that runs Ray in this process (starting one costs ~10 s)."""
     from cluster.ray_session import ensure_ray
 
-    ray = ensure_ray(num_cpus=2, quiet=True)
+    ray = ensure_ray(num_cpus=2, quiet=True, dashboard=False)  # no test reads this session's dashboard
     yield ray
     ray.shutdown()
 

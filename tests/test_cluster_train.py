@@ -123,7 +123,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, repo)
     from tests.ray_hooks import WeightsLog, register
     register()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2

@@ -28,7 +28,9 @@ def test_demo_quick_end_to_end(ray_session, tmp_path, capsys):
     # a re-run reuses teacher, shards and students
     assert main(["demo", "--quick", "--out", str(out), "--tracking-uri", uri]) == 0
     printed_again = capsys.readouterr().out
-    assert printed.count("reused") == 0 and printed_again.count("reused") == 4
+    assert printed.count("reused") == 0 and printed_again.count("reused") == 5
+    assert "reused the reports of teacher, DARD, SAT" in printed_again  # same model files, same settings
+    assert (out / "results.md").read_text() == table
     assert f"reused {cached} (sha256 verified)" in printed_again
 
 
@@ -50,3 +52,23 @@ def test_cached_teacher_is_reused_only_when_its_hash_and_recipe_match(tmp_path, 
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     other, what = _cached_teacher(recipe(epochs=2), fresh=False)
     assert other != path and what == f"trained {other}"
+
+
+def test_a_report_is_reused_only_for_the_same_model_file_and_settings(tmp_path, tiny_model, digits_test):
+    from cluster.demo import _previous_report
+    from dard.evaluate import EvalSettings, evaluate_model
+    from dard.report import write_report
+
+    x, y = digits_test
+    settings = EvalSettings(eps=0.2, step_size=0.05, attacks=("natural", "fgsm"), limit=40, eps_curve=False,
+                            sanity_checks=False)
+    report = evaluate_model(tiny_model, x, y, settings, progress=False)
+    report.meta = {"model": "DARD", "model_sha256": "a" * 64}
+    write_report(report, tmp_path, stem="dard")
+    again, files = _previous_report(tmp_path, "dard", "a" * 64, settings)
+    assert again.accuracy == report.accuracy and again.samples == report.samples
+    assert set(files) == {"dard.json", "dard.csv", "dard.html", "dard-examples.png"}
+    assert _previous_report(tmp_path, "dard", "b" * 64, settings) is None  # another model file
+    other = EvalSettings(**{**settings.__dict__, "limit": 41})
+    assert _previous_report(tmp_path, "dard", "a" * 64, other) is None  # other settings
+    assert _previous_report(tmp_path, "sat", "a" * 64, settings) is None  # no report yet
