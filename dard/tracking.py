@@ -106,6 +106,21 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def experiment_for(client, uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing. On a sqlite store its artifacts go beside
+    the database (``<its folder>/mlruns``); MLflow's default would be the working directory's."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri() if uri.startswith("sqlite:///") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process (a sweep's trials start together)
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class EpochLogger:
     """One MLflow run (optionally nested under ``parent_run_id``): params at start, metrics each epoch.
 
@@ -116,8 +131,8 @@ class EpochLogger:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(absolute_uri(tracking["uri"]))
-        experiment = mlflow.set_experiment(tracking.get("experiment") or DEFAULT_EXPERIMENT)
+        uri = absolute_uri(tracking["uri"])
+        mlflow.set_tracking_uri(uri)
         tags = {**system_tags(cfg), **(tracking.get("tags") or {})}
         if tracking.get("parent_run_id"):
             tags["mlflow.parentRunId"] = tracking["parent_run_id"]
@@ -127,7 +142,8 @@ class EpochLogger:
         if tracking.get("run_id"):
             self.run_id = tracking["run_id"]  # resume logging into an existing run
         else:
-            run = self.client.create_run(experiment.experiment_id, run_name=tracking.get("run_name"), tags=tags)
+            experiment_id = experiment_for(self.client, uri, tracking.get("experiment") or DEFAULT_EXPERIMENT)
+            run = self.client.create_run(experiment_id, run_name=tracking.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
             from dard.config import to_dict
 

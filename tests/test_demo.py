@@ -25,6 +25,8 @@ def test_demo_quick_end_to_end(ray_session, tmp_path, capsys):
     (cached,) = teacher_cache_dir().glob("digits-cnn_medium-*/model.pt")
     assert (out / "shards" / "manifest.json").exists()
     assert "dard-digits-cnn_small" in printed
+    # MLflow's artifacts beside its database, not in the working directory
+    assert list((tmp_path / "mlruns").rglob("robustness/dard.json"))
     # a re-run reuses teacher, shards and students
     assert main(["demo", "--quick", "--out", str(out), "--tracking-uri", uri]) == 0
     printed_again = capsys.readouterr().out
