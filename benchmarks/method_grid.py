@@ -101,7 +101,6 @@ def _init_worker() -> None:
 
 
 def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool) -> tuple[dict, list]:
-    from dard.config import NUM_CLASSES
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
     from dard.evaluate import EvalSettings, evaluate_model
@@ -112,7 +111,7 @@ def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool) -> tuple[
     splits = load_splits(cfg.data)
     settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size,
                             attacks=REPORTED if not sanity else EvalSettings.attacks, autoattack_limit=aa_limit,
-                            num_classes=NUM_CLASSES[cfg.data.dataset], eps_curve=False, sanity_checks=sanity, seed=seed)
+                            num_classes=cfg.data.num_classes, eps_curve=False, sanity_checks=sanity, seed=seed)
     report = evaluate_model(model, to_float(splits.test.images), splits.test.labels, settings, progress=False)
     return report.accuracy, [c.__dict__ for c in report.checks]
 

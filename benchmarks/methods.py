@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.precompute import precompute  # noqa: E402
-from dard.config import NUM_CLASSES, Config, deep_merge, teacher_config  # noqa: E402
+from dard.config import Config, deep_merge, teacher_config  # noqa: E402
 from dard.data import load_splits, to_float  # noqa: E402
 from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
 from dard.models import load_model  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> int:
             train_s = time.time() - t0
             model, _ = load_model(result["model_path"])
             settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, seed=seed,
-                                    autoattack_limit=args.aa_limit, num_classes=NUM_CLASSES[args.dataset],
+                                    autoattack_limit=args.aa_limit, num_classes=cfg.data.num_classes,
                                     eps_curve=False, sanity_checks=seed == 0)
             report = evaluate_model(model, x_test, y_test, settings, progress=False)
             history = [json.loads(l) for l in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]

@@ -27,10 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dard.config import Config, NUM_CLASSES, IMAGE_SHAPE  # noqa: E402
+from dard.config import Config  # noqa: E402
 from dard.data import ArrayDataset, load_splits  # noqa: E402
 from dard.engine import resolve_device, train_epoch  # noqa: E402
-from dard.losses import TrainBatch  # noqa: E402
+from dard.data import TrainBatch  # noqa: E402
 from dard.models import build  # noqa: E402
 from dard.shards import ShardReader, make_manifest, write_manifest, write_part  # noqa: E402
 from dard.soft_labels import compute_part  # noqa: E402
@@ -58,8 +58,8 @@ def build_shards(teacher, ds: ArrayDataset, cfg: Config, directory: str, views: 
     entry = write_part(directory, 0, table)
     write_manifest(directory, make_manifest(
         dataset=cfg.data.dataset, split="train", teacher={"id": "bench", "arch": "bench", "sha256": None},
-        attack=cfg.to_dict()["attack"], data=cfg.to_dict()["data"], views=views, num_classes=NUM_CLASSES[cfg.data.dataset],
-        image_shape=IMAGE_SHAPE[cfg.data.dataset], parts=[entry], rows=len(ds) * views, seed=0, plan_fingerprint="bench"))
+        attack=cfg.to_dict()["attack"], data=cfg.to_dict()["data"], views=views, num_classes=cfg.data.num_classes,
+        image_shape=cfg.data.image_shape, parts=[entry], rows=len(ds) * views, seed=0, plan_fingerprint="bench"))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -77,14 +77,13 @@ def _epoch(student, batches, cfg, device) -> float:
 def shards_vs_online(name: str, ds: ArrayDataset, cfg: Config, teacher_arch: str, student_arch: str,
                      device: torch.device, batch_size: int) -> dict:
     """One DARD epoch with the online teacher vs from shards, same data, models, loss and attacks."""
-    c = IMAGE_SHAPE[cfg.data.dataset][0]
-    k = NUM_CLASSES[cfg.data.dataset]
+    c, k = cfg.data.image_shape[0], cfg.data.num_classes
     torch.manual_seed(0)
     teacher = build(teacher_arch, k, c).to(device).eval()
     student = build(student_arch, k, c).to(device)
     if device.type == "cuda":
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
-    x0 = torch.rand(1, *IMAGE_SHAPE[cfg.data.dataset], device=device)
+    x0 = torch.rand(1, *cfg.data.image_shape, device=device)
     ratio_flops = flops(teacher, x0) / flops(student, x0)
 
     def online():

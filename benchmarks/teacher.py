@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dard.config import NUM_CLASSES, Config  # noqa: E402
+from dard.config import Config  # noqa: E402
 from dard.data import load_splits, to_float  # noqa: E402
 from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
 from dard.models import load_model  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> int:
         model, _ = load_model(result["model_path"])
         splits = load_splits(cfg.data)
         settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, attacks=REPORTED,
-                                autoattack_limit=None, num_classes=NUM_CLASSES[args.dataset], eps_curve=False,
+                                autoattack_limit=None, num_classes=cfg.data.num_classes, eps_curve=False,
                                 sanity_checks=False)
         t1 = time.time()
         report = evaluate_model(model, to_float(splits.test.images), splits.test.labels, settings, progress=False)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dard.config import Config  # noqa: E402
-from dard.tracking import METRIC  # noqa: E402
+from dard.registry import METRIC  # noqa: E402
 
 PRESETS = ("sat", "trades", "ard", "rslad", "dard-sat")
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dard.config import NUM_CLASSES, Config, teacher_config
+from dard.config import Config, teacher_config
 from dard.data import load_splits, to_float
 from dard.logs import LOG_FILE
 from dard.attacks.registry import AUTOATTACK, PROTOCOL
@@ -32,7 +32,8 @@ from dard.evaluate import EvalSettings, Report, evaluate_model
 from dard.report import write_report
 from dard.models import file_sha256, load_model
 from dard.shards import ShardError, verify
-from dard.tracking import METRIC, EpochLogger, check_tracking_uri, log_model, log_report_artifacts, promote
+from dard.registry import METRIC, promote
+from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts
 
 log = logging.getLogger("dard")
 
@@ -173,7 +174,7 @@ def run_demo(s: DemoSettings) -> dict:
     for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
         attacks = PROTOCOL if name != "teacher" or s.teacher_aa else tuple(a for a in PROTOCOL if a != AUTOATTACK)
         settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size, attacks=attacks,
-                                limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=NUM_CLASSES["digits"])
+                                limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=student_cfg.data.num_classes)
         sha256 = file_sha256(path)
         previous = _previous_report(out / "reports", name.lower(), sha256, settings)
         if previous is not None:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
 from dard.config import Config, from_dict, to_dict
 from dard.data import load_splits
-from dard.engine import epoch_line, place_model, run_epochs, seed_everything
+from dard.engine import epoch_line, place_model, run_epochs
+from dard.seeding import seed_everything
 from dard.models import build_for, save_for
 from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches,
                            with_online_teacher)
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.run.seed)  # initial weights as in `fit` (DDP broadcasts rank 0's anyway)
     device = ray.train.torch.get_device()
-    model = place_model(build_for(cfg.model, cfg.data.dataset), device)
+    model = place_model(build_for(cfg.model, cfg.data), device)
     model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -191,13 +192,13 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path
-    model = build_for(cfg.model, cfg.data.dataset)
+    model = build_for(cfg.model, cfg.data)
     model.load_state_dict(state["model"])
     out_path = Path(out) if out else Path(cfg.run.out_dir) / "model.pt"
     meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": state["history"][-1],
             "teacher": state["extra"].get("teacher"), "shards": {"directory": shards_abs,
                                                                  "fingerprint": state["extra"].get("shards")},
             "distributed": {"workers": workers, "use_gpu": use_gpu, "seconds": time.time() - started}}
-    save_for(out_path, model, cfg.model, cfg.data.dataset, meta)
+    save_for(out_path, model, cfg.model, cfg.data, meta)
     return DistributedResult(metrics=state["history"][-1], checkpoint_dir=str(checkpoint_dir), model_path=str(out_path),
                              run_path=str(result.path), history=list(state["history"]))

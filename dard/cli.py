@@ -140,15 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dard.attacks.registry import PROTOCOL, check_names
     from dard.evaluate import EvalSettings, evaluate_model
     from dard.report import write_report
-    from dard.config import NUM_CLASSES
-    from dard.models import load_model
+    from dard.registry import load_reference
 
-    if args.model.startswith("models:/"):
-        from dard.tracking import load_registered
-
-        model, header = load_registered(args.model, args.tracking_uri)
-    else:
-        model, header = load_model(args.model)
+    model, header = load_reference(args.model, args.tracking_uri)
     dataset = header["dataset"]
     saved = (header.get("meta") or {}).get("config")
     cfg = _Config.for_dataset(dataset)
@@ -166,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(eps=args.eps if args.eps is not None else cfg.attack.eps,
                             step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
                             attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
-                            seed=args.seed, num_classes=NUM_CLASSES[dataset], sanity_checks=not args.no_checks)
+                            seed=args.seed, num_classes=cfg.data.num_classes, sanity_checks=not args.no_checks)
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif args.model.startswith("models:/"):
@@ -212,14 +206,9 @@ def cmd_video(args: argparse.Namespace) -> int:
         return 0
     if not args.input or not args.model:
         raise ConfigError("dard video needs --input CLIP and --model PATH|models:/NAME@ALIAS (or --make-sample)")
-    if args.model.startswith("models:/"):
-        from dard.tracking import load_registered
+    from dard.registry import load_reference
 
-        model, header = load_registered(args.model, args.tracking_uri)
-    else:
-        from dard.models import load_model
-
-        model, header = load_model(args.model)
+    model, header = load_reference(args.model, args.tracking_uri)
     cfg = (header.get("meta") or {}).get("config") or {}
     eps = args.eps if args.eps is not None else cfg.get("attack", {}).get("eps", 8 / 255)
     step = args.step_size if args.step_size is not None else cfg.get("attack", {}).get("step_size", eps / 4)

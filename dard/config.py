@@ -15,7 +15,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-DATASETS = ("digits", "cifar10", "cifar100")
+# Each dataset's facts: (classes, image shape (C, H, W)); read them through DataConfig.
+DATASET_FACTS = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32))}
+DATASETS = tuple(DATASET_FACTS)
 TEACHER_METHODS = ("natural", "sat", "trades")
 DISTILL_METHODS = ("dard", "ard", "rslad")
 METHODS = TEACHER_METHODS + DISTILL_METHODS
@@ -49,6 +51,20 @@ class DataConfig:
     crop_padding: int = 4
     flip: bool = True
     limit_train: int | None = None  # use only the first N training samples (smoke tests)
+
+    @property
+    def num_classes(self) -> int:
+        return self._facts()[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return self._facts()[1]
+
+    def _facts(self) -> tuple[int, tuple[int, int, int]]:
+        if self.dataset not in DATASET_FACTS:
+            raise ConfigError(f"data.dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        return DATASET_FACTS[self.dataset]
 
 
 @dataclass
@@ -200,10 +216,6 @@ def teacher_config(dataset: str, **sections: dict[str, Any]) -> Config:
     return Config.for_dataset(dataset, **deep_merge(TEACHER_DEFAULTS[dataset], sections))
 
 
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
-IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
-
-
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first invalid field."""
     from dard.models import available  # local: models import config-free code only
@@ -236,7 +248,7 @@ def validate(cfg: Config) -> None:
     need(a.steps >= 1, "attack.steps", f"must be >= 1, got {a.steps}")
     need(a.dpgd_loss in DPGD_LOSSES, "attack.dpgd_loss", f"unknown {a.dpgd_loss!r}; choose from {', '.join(DPGD_LOSSES)}")
     need(a.dpgd_schedule in STEP_SCHEDULES, "attack.dpgd_schedule", f"unknown {a.dpgd_schedule!r}; choose from {', '.join(STEP_SCHEDULES)}")
-    channels = IMAGE_SHAPE[d.dataset][0]
+    channels = d.image_shape[0]
     need(all(0 <= c < channels for c in a.dpgd_channel_mask), "attack.dpgd_channel_mask",
          f"channels must be in [0, {channels}) for {d.dataset}, got {list(a.dpgd_channel_mask)}")
     need(l.method in METHODS, "loss.method", f"unknown method {l.method!r}; choose from {', '.join(METHODS)}")

@@ -13,12 +13,37 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-from dard.config import DataConfig, NUM_CLASSES
+from dard.config import DataConfig
+from dard.seeding import generator
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder is missing or incomplete; the message says what to put where."""
+
+
+@dataclass
+class TrainBatch:
+    """One batch. x: (B, C, H, W) float in [0, 1]; y: (B,) int64.
+
+    Teacher fields (distillation only; logits (B, K) float):
+    teacher_logits = T(x); x_teacher_adv = x_d, a DPGD example against the teacher (same range
+    and shape as x); teacher_logits_adv = T(x_d); online_teacher = T itself (frozen, on the batch's
+    device), only for ``rob_target='teacher_adv'``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    x_teacher_adv: torch.Tensor | None = None
+    teacher_logits_adv: torch.Tensor | None = None
+    online_teacher: nn.Module | None = None  # the teacher model, for losses that query it at new points
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(move(self.x), move(self.y), move(self.teacher_logits), move(self.x_teacher_adv),
+                          move(self.teacher_logits_adv), self.online_teacher)
 
 
 @dataclass
@@ -58,7 +83,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.dataset == "digits":
         splits = _digits_splits(cfg)
     elif cfg.dataset in ("cifar10", "cifar100"):
-        train, test = _cifar(cfg.dataset, cfg.data_dir)
+        train, test = _cifar(cfg)
         train, val = _split(train, cfg.val_fraction, cfg.split_seed)
         splits = Splits(train, val, test)
     else:
@@ -78,7 +103,7 @@ def _digits_splits(cfg: DataConfig) -> Splits:
     bunch = load_digits()
     # Values are integers 0..16; put them on the 8-bit grid so they are exactly storable as uint8.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
-    full = ArrayDataset(torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)), 10, "digits")
+    full = ArrayDataset(torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)), cfg.num_classes, "digits")
     rest, test = _split(full, cfg.test_fraction, cfg.split_seed)
     train, val = _split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.split_seed + 1)
     return Splits(train, val, test)
@@ -86,7 +111,7 @@ def _digits_splits(cfg: DataConfig) -> Splits:
 
 def _split(ds: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """Stratified-free random split: (rest, held_out) with round(fraction*N) held out."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     perm = torch.randperm(len(ds), generator=gen)
     n_held = int(round(fraction * len(ds)))
     held, rest = perm[:n_held].sort().values, perm[n_held:].sort().values
@@ -99,9 +124,11 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _cifar(name: str, data_dir: str | None) -> tuple[ArrayDataset, ArrayDataset]:
+def _cifar(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
     """CIFAR from a local folder in torchvision's format; never downloads."""
     from torchvision import datasets
+
+    name, data_dir = cfg.dataset, cfg.data_dir
 
     folder, cls_name = _CIFAR_LAYOUT[name]
     howto = (f"Put the extracted python-version archive there, so that <data_dir>/{folder}/ exists "
@@ -120,7 +147,7 @@ def _cifar(name: str, data_dir: str | None) -> tuple[ArrayDataset, ArrayDataset]
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise DatasetNotFoundError(f"{name}: {root / folder} is incomplete or corrupted ({err}). {howto}") from err
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-        out.append(ArrayDataset(images, torch.as_tensor(ds.targets, dtype=torch.long), NUM_CLASSES[name], name))
+        out.append(ArrayDataset(images, torch.as_tensor(ds.targets, dtype=torch.long), cfg.num_classes, name))
     return out[0], out[1]
 
 

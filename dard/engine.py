@@ -8,21 +8,20 @@ Train; each DDP rank runs it with its own batches.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from dard.attacks.pgd import cw_inf, pgd
 from dard.config import AttackConfig, Config, LossConfig
-from dard.data import ArrayDataset
-from dard.losses import TrainBatch, get_loss
+from dard.data import ArrayDataset, TrainBatch
+from dard.losses import get_loss
 from dard.models.registry import unwrap
 from dard.progress import progress_bar
+from dard.seeding import seed_for
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,19 +36,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name!r} but CUDA is not available on this machine; use auto or cpu")
     return device
-
-
-def seed_for(seed: int, rank: int = 0, epoch: int = 0) -> int:
-    """The one seeding formula: every (run seed, DDP rank, epoch) gets its own stream, so ranks
-    draw different attack starts and shuffles, and a resumed epoch replays exactly."""
-    return seed * 1_000_003 + epoch * 1_009 + rank
-
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch (CPU and CUDA) generators from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -31,6 +31,7 @@ from dard.attacks.pgd import projected_gradient_attack
 from dard.attacks.registry import ATTACKS, AUTOATTACK, PROTOCOL, AttackParams, check_names
 from dard.engine import correct_under
 from dard.progress import progress_bar
+from dard.seeding import generator
 
 EPS_CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 LARGE_EPS = 0.5
@@ -161,7 +162,7 @@ def _pgd_at(eps: float, steps: int, seed: int, step_size: float | None = None) -
     def attack(m, x, y):
         # Runs the loop even at eps = 0 (no shortcut), so the eps-0 check exercises the pipeline.
         return projected_gradient_attack(m, x, y, eps=eps, step_size=step, steps=steps, random_start="uniform",
-                                         labels_for_early_keep=y, generator=torch.Generator().manual_seed(seed))
+                                         labels_for_early_keep=y, generator=generator(seed))
 
     return attack
 

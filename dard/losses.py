@@ -21,31 +21,9 @@ from torch import nn
 from dard.attacks.dpgd import dice_loss, dpgd_from_config
 from dard.attacks.pgd import pgd, trades_pgd
 from dard.config import DISTILL_METHODS, AttackConfig, LossConfig
+from dard.data import TrainBatch
 from dard.models.registry import unwrap
 from dard.teacher import forward_logits
-
-
-@dataclass
-class TrainBatch:
-    """One batch. x: (B, C, H, W) float in [0, 1]; y: (B,) int64.
-
-    Teacher fields (distillation only; logits (B, K) float):
-    teacher_logits = T(x); x_teacher_adv = x_d, a DPGD example against the teacher (same range
-    and shape as x); teacher_logits_adv = T(x_d); online_teacher = T itself (frozen, on the batch's
-    device), only for ``rob_target='teacher_adv'``.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    teacher_logits: torch.Tensor | None = None
-    x_teacher_adv: torch.Tensor | None = None
-    teacher_logits_adv: torch.Tensor | None = None
-    online_teacher: nn.Module | None = None  # the teacher model, for losses that query it at new points
-
-    def to(self, device: torch.device) -> "TrainBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TrainBatch(move(self.x), move(self.y), move(self.teacher_logits), move(self.x_teacher_adv),
-                          move(self.teacher_logits_adv), self.online_teacher)
 
 
 @dataclass

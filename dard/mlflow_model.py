@@ -3,7 +3,7 @@
 MLflow stores this file and the dard model file (``artifacts/dard-model.pt``, weights-only
 format). ``mlflow.pyfunc.load_model(uri).predict(x)`` serves it: x (N, C, H, W) float32 in
 [0, 1] -> logits (N, K). ``dard`` itself never runs this file from a registry: it reads only the
-weights file, with ``torch.load(weights_only=True)`` (``dard.tracking.load_registered``).
+weights file, with ``torch.load(weights_only=True)`` (``dard.registry.load_registered``).
 """
 import mlflow
 from mlflow.pyfunc import PythonModel

@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, from_dict, to_dict
+from dard.config import Config, from_dict, to_dict
 from dard.data import ArrayDataset, load_splits
 from dard.engine import resolve_device
-from dard.models import file_sha256, load_teacher
+from dard.models import file_sha256, load_teacher_for
 from dard.progress import progress_bar
 from dard.shards import (finished_part, fingerprint, make_manifest, resolve, write_manifest, write_part,
                          write_part_record)
@@ -62,10 +62,9 @@ def compute_part_job(job: PartJob) -> dict[str, Any]:
     """Compute and write one part; returns its manifest entry plus ``part_id``."""
     cfg = from_dict(job.cfg)
     dataset = cfg.data.dataset
-    teacher, _ = load_teacher(job.teacher_path, job.teacher_arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0],
-                              data=job.teacher_bytes)
+    teacher, _ = load_teacher_for(job.teacher_path, cfg.data, job.teacher_arch, data=job.teacher_bytes)
     # arrays from Ray's object store are read-only: copy before handing them to torch
-    ds = ArrayDataset(torch.tensor(job.images), torch.tensor(job.labels), NUM_CLASSES[dataset], dataset)
+    ds = ArrayDataset(torch.tensor(job.images), torch.tensor(job.labels), cfg.data.num_classes, dataset)
     table = compute_part(teacher, ds, job.indices, views=job.views, data=cfg.data, attack=cfg.attack,
                          seed=cfg.run.seed, part_id=job.part_id, device=resolve_device("auto"),
                          batch_size=job.batch_size)
@@ -81,8 +80,7 @@ def map_locally(fn: Callable[[PartJob], dict], jobs: list[PartJob]) -> Iterator[
 
 def teacher_identity(teacher_path: str | Path, cfg: Config, teacher_arch: str | None) -> dict[str, Any]:
     """Load once up front: a wrong teacher fails here with a clear error, before any part runs."""
-    dataset = cfg.data.dataset
-    _, header = load_teacher(teacher_path, teacher_arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0])
+    _, header = load_teacher_for(teacher_path, cfg.data, teacher_arch)
     sha = file_sha256(teacher_path)
     return {"id": f"{header['arch']}-{sha[:12]}", "arch": header["arch"], "sha256": sha, "path": str(teacher_path)}
 
@@ -101,7 +99,7 @@ def build_shards(cfg: Config, teacher_path: str | Path, out: str, *, views: int 
     dataset = cfg.data.dataset
     teacher = teacher_identity(teacher_path, cfg, teacher_arch)
     ds = getattr(load_splits(cfg.data), split)
-    image_shape, num_classes = IMAGE_SHAPE[dataset], NUM_CLASSES[dataset]
+    image_shape, num_classes = cfg.data.image_shape, cfg.data.num_classes
     plan = plan_parts(len(ds), rows_per_part)
     cfg_dict = to_dict(cfg)
     plan_fp = fingerprint({"teacher": teacher["sha256"], "dataset": dataset, "split": split, "data": cfg_dict["data"],

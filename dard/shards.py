@@ -28,6 +28,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from dard.data import TrainBatch
+from dard.seeding import shard_order
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECORD_BATCH_ROWS = 4096
@@ -209,9 +212,7 @@ class ShardBatch:
     t_adv: torch.Tensor
     view: torch.Tensor
 
-    def to_train_batch(self):
-        from dard.losses import TrainBatch
-
+    def to_train_batch(self) -> TrainBatch:
         x = self.x.float() / 255
         x_adv = (self.x.to(torch.int16) + self.delta.to(torch.int16)).float() / 255
         return TrainBatch(x, self.label.long(), teacher_logits=self.t_nat, x_teacher_adv=x_adv,
@@ -260,7 +261,7 @@ class ShardReader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         rows = self.rows_by_view[epoch % self.views]
-        perm = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        perm = shard_order(seed, epoch, len(rows))
         return rows[perm[rank::world_size]]
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:

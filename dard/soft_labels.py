@@ -13,6 +13,7 @@ from torch import nn
 
 from dard.config import AttackConfig, DataConfig
 from dard.data import ArrayDataset, apply_augment, draw_augment, to_float
+from dard.seeding import part_generator
 from dard.shards import rows_to_table
 from dard.teacher import forward_logits, quantize_delta, teacher_outputs
 
@@ -22,10 +23,6 @@ def plan_parts(num_samples: int, rows_per_part: int) -> list[np.ndarray]:
     if rows_per_part < 1:
         raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
     return [np.arange(s, min(s + rows_per_part, num_samples)) for s in range(0, num_samples, rows_per_part)]
-
-
-def part_generator(seed: int, part_id: int, view: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + part_id * 7_919 + view)
 
 
 def compute_part(teacher: nn.Module, ds: ArrayDataset, sample_indices: np.ndarray, *, views: int, data: DataConfig,

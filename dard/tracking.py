@@ -1,19 +1,15 @@
-"""MLflow tracking: runs, params, per-epoch metrics, reports, models, registry (docs/design.md §6).
+"""MLflow tracking: runs, params, per-epoch metrics, reports, logged models (docs/design.md §6).
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<absolute cwd>/mlflow.db`` -- always
 absolute, because Ray workers run in another directory. Models are logged as a pyfunc *from
-code* (``dard/mlflow_model.py``) around the dard model file: nothing is pickled, and
-``load_registered`` reads only the weights file, weights-only, so a tampered registry entry
-cannot run code here.
+code* (``dard/mlflow_model.py``) around the dard model file: nothing is pickled. The model
+registry (register, champion alias, loading by name) is ``dard.registry``.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,137 +227,3 @@ def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str 
         client.log_artifact(run_id, str(p), artifact_path="robustness")
     for k, v in (metrics or {}).items():
         client.log_metric(run_id, f"{prefix}{k}_acc", float(v))
-
-
-def load_registered(model_uri: str, tracking_uri: str | None = None):
-    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> (model in eval mode, dard-style header).
-
-    The weights and architecture come from the version's dard model file (read weights-only);
-    the run config from the version's tags written at registration.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    spec = model_uri[len("models:/"):]
-    if "@" not in spec and "/" not in spec:
-        raise TrackingError(f"{model_uri}: name an alias or a version, e.g. models:/{spec}@champion or models:/{spec}/1")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = check_tracking_uri(tracking_uri)  # unreachable: fails at once, no retries
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    try:
-        if "@" in spec:
-            name, alias = spec.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = spec.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except mlflow.exceptions.MlflowException as err:
-        raise TrackingError(f"{model_uri}: not found in the registry at {uri} ({err.message.splitlines()[0]}); "
-                            "see `dard registry show NAME`") from err
-    import tempfile
-
-    from dard.models import load_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp)
-        except mlflow.exceptions.MlflowException as err:
-            raise TrackingError(f"{model_uri}: its files cannot be read ({err.message.splitlines()[0]})") from err
-        weights = Path(folder) / "artifacts" / MODEL_ARTIFACT
-        if not weights.is_file():
-            raise TrackingError(f"{model_uri}: holds no {MODEL_ARTIFACT} (registered by another tool or an older "
-                                "dard?); dard loads registry models only from that weights-only file")
-        model, file_header = load_model(weights)  # weights_only: nothing in the registry is unpickled
-    config = json.loads(version.tags["dard.config"]) if "dard.config" in version.tags else None
-    header = {**file_header, "format": "registry", "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
-                                          "registry": f"{name} v{version.version}"}}
-    return model, header
-
-
-# ---- registry: register a student, move the champion alias only when it is better --------------
-# Model name ``dard-<dataset>-<arch>``. Each version carries tags with its validation robust
-# accuracy, dataset, arch and the full run config; the alias moves only if the new version's
-# validation robust accuracy (PGD and CW both fail; ``dard.engine.validation_metrics``) beats the current
-# champion's (both recorded on the new version).
-
-ALIAS = "champion"
-METRIC = "val_robust_acc"
-
-
-@dataclass
-class Promotion:
-    name: str
-    version: str
-    metric: float
-    previous_champion: str | None
-    previous_metric: float | None
-    moved: bool
-    already_registered: bool = False
-
-
-def model_name(cfg) -> str:
-    return f"dard-{cfg.data.dataset}-{cfg.model.arch}"
-
-
-def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None = None) -> Promotion:
-    """Register the model logged in ``run_id`` (artifact ``model``) and move the alias if better."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(absolute_uri(tracking_uri))
-    client = MlflowClient()
-    name = name or model_name(cfg)
-    try:
-        earlier = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("dard.run_id") == run_id]
-    except mlflow.exceptions.MlflowException:
-        earlier = []
-    if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
-        v = earlier[0]
-        return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
-    with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
-        version = mlflow.register_model(f"runs:/{run_id}/model", name).version
-    tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
-            "dard.config": json.dumps(cfg.to_dict()), "dard.run_id": run_id}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    previous, previous_metric = None, None
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-        previous, previous_metric = current.version, float(current.tags.get(METRIC, "nan"))
-    except mlflow.exceptions.MlflowException:
-        pass  # no champion yet
-    moved = previous is None or metric > previous_metric
-    client.set_model_version_tag(name, version, "champion_at_registration",
-                                 "none" if previous is None else f"v{previous} ({METRIC} {previous_metric:.6f})")
-    if moved:
-        client.set_registered_model_alias(name, ALIAS, version)
-    client.set_model_version_tag(name, version, "promoted", str(moved).lower())
-    return Promotion(name, str(version), metric, previous, previous_metric, moved)
-
-
-def show(tracking_uri: str, name: str) -> list[dict]:
-    """Versions of ``name`` with their metrics and aliases, newest first."""
-    from mlflow.tracking import MlflowClient
-
-    import mlflow
-
-    uri = check_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        model = client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException as err:
-        known = [m.name for m in client.search_registered_models()]
-        raise TrackingError(f"no registered model {name!r} in {uri}; registered: "
-                            f"{', '.join(known) or 'none'}") from err
-    aliases: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        aliases.setdefault(str(version), []).append(alias)
-    rows = []
-    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version), reverse=True):
-        rows.append({"version": v.version, "aliases": aliases.get(str(v.version), []), METRIC: v.tags.get(METRIC),
-                     "promoted": v.tags.get("promoted"), "champion_at_registration": v.tags.get("champion_at_registration"),
-                     "run_id": v.run_id, "created": v.creation_timestamp})
-    return rows
-
-

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from dard.checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore, save_checkpoint
-from dard.config import IMAGE_SHAPE, NUM_CLASSES, Config, save_yaml, to_dict
-from dard.data import ArrayDataset, iterate_batches, num_batches, load_splits
-from dard.engine import epoch_line, place_model, resolve_device, run_epochs, seed_everything, seed_for
-from dard.losses import NEEDS_TEACHER, TrainBatch, needs_online_teacher, needs_teacher_adv
-from dard.models import build_for, file_sha256, load_teacher, save_for
+from dard.config import Config, save_yaml, to_dict
+from dard.data import ArrayDataset, TrainBatch, iterate_batches, num_batches, load_splits
+from dard.engine import epoch_line, place_model, resolve_device, run_epochs
+from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
+from dard.models import build_for, file_sha256, load_teacher_for, save_for
+from dard.seeding import epoch_generator, seed_everything
 from dard.teacher import teacher_outputs
 
 log = logging.getLogger("dard")
@@ -50,11 +51,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
     else:
         factor = lambda e: 1.0  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """Shuffle/augment randomness derived from (seed, epoch, rank): a resumed epoch replays exactly."""
-    return torch.Generator().manual_seed(seed_for(seed, rank, epoch))
 
 
 def online_batches(ds: ArrayDataset, cfg: Config, epoch: int, teacher: nn.Module | None, device: torch.device,
@@ -86,7 +82,7 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
 
     reader = ShardReader(directory, check=check)
     raw = to_dict(cfg)
-    reader.check_compatible(dataset=cfg.data.dataset, num_classes=NUM_CLASSES[cfg.data.dataset], eps=cfg.attack.eps,
+    reader.check_compatible(dataset=cfg.data.dataset, num_classes=cfg.data.num_classes, eps=cfg.attack.eps,
                             data=raw["data"], attack=raw["attack"],
                             teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
     if reader.manifest["split"] != "train":
@@ -106,8 +102,7 @@ def shard_batches(reader, cfg: Config, rank: int = 0, world_size: int = 1, batch
 
 def load_run_teacher(path: str | Path, cfg: Config, teacher_arch: str | None = None) -> tuple[nn.Module, dict]:
     """The distillation teacher, checked against the run's dataset (classes and channels)."""
-    dataset = cfg.data.dataset
-    model, header = load_teacher(path, teacher_arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0])
+    model, header = load_teacher_for(path, cfg.data, teacher_arch)
     header["sha256"] = file_sha256(path)
     header["path"] = str(path)
     for p in model.parameters():
@@ -148,7 +143,7 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     seed_everything(cfg.run.seed)  # the initial weights
     device = resolve_device(cfg.run.device)
     splits = load_splits(cfg.data)
-    model = place_model(build_for(cfg.model, cfg.data.dataset), device)
+    model = place_model(build_for(cfg.model, cfg.data), device)
     teacher, teacher_header = None, None
     if cfg.loss.method in NEEDS_TEACHER and batch_source is None:
         if teacher_path is None:
@@ -192,5 +187,5 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
     meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": metrics,
             "teacher": {k: teacher_header[k] for k in ("arch", "sha256", "path") if k in teacher_header}
             if teacher_header else None, **(extra_meta or {})}
-    model_path = save_for(out_dir / "model.pt", model, cfg.model, cfg.data.dataset, meta)
+    model_path = save_for(out_dir / "model.pt", model, cfg.model, cfg.data, meta)
     return {**metrics, "model_path": str(model_path), "checkpoint_path": str(ckpt_path), "out_dir": str(out_dir)}

@@ -101,9 +101,10 @@ def make_sample(path: str | Path, n_images: int = 24, frames_per_image: int = 2,
     """A small clip of digits test images (each held ``frames_per_image`` frames) and its labels CSV."""
     from dard.config import Config
     from dard.data import load_splits
+    from dard.seeding import generator
 
     test = load_splits(Config.for_dataset("digits").data).test
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_images]
+    idx = torch.randperm(len(test), generator=generator(seed))[:n_images]
     images = test.images[idx].float()  # (n, 1, 8, 8) uint8 values
     big = F.interpolate(images, size=(size, size), mode="nearest").round().clamp(0, 255).to(torch.uint8)
     frames = big.repeat_interleave(frames_per_image, 0).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
@@ -167,7 +168,7 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
               seed: int = 0) -> VideoResult:
     """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV."""
     from dard.attacks.registry import ATTACKS, AttackParams
-    from dard.config import IMAGE_SHAPE
+    from dard.config import DATASETS, DataConfig
 
     if attack not in ATTACKS:
         raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
@@ -176,7 +177,7 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
     if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
         raise VideoError(f"{input_path}: a sample clip made for {comment[len(SAMPLE_TAG):]!r}, but the model was "
                          f"trained on {dataset!r}; make a sample for the model's dataset")
-    channels, size, _ = IMAGE_SHAPE.get(dataset, (header["in_channels"], 32, 32))
+    channels, size, _ = DataConfig(dataset=dataset).image_shape if dataset in DATASETS else (header["in_channels"], 32, 32)
     if header.get("in_channels") not in (None, channels):
         raise VideoError(f"model expects {header['in_channels']} input channels but dataset {dataset} has {channels}")
     x = frames_to_inputs(frames, channels, size)

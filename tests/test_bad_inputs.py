@@ -186,7 +186,8 @@ def test_sigterm_stops_training_cleanly(tmp_path):
 
 def test_tampered_registry_entry_cannot_run_code(tmp_path, monkeypatch, capsys):
     from dard.config import Config
-    from dard.tracking import EpochLogger, log_model, promote
+    from dard.registry import promote
+    from dard.tracking import EpochLogger, log_model
 
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root (./mlruns) lands here
     uri = f"sqlite:///{tmp_path / 'm.db'}"

@@ -4,7 +4,7 @@ from torch import nn
 
 from dard.config import AttackConfig, LossConfig
 from dard.engine import NonFiniteLossError, resolve_device, train_epoch
-from dard.losses import TrainBatch
+from dard.data import TrainBatch
 
 
 def test_device_resolution():

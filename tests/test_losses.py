@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dard.config import AttackConfig, LossConfig
-from dard.losses import TrainBatch, ard, dard, divergence, natural, rslad, sat, trades
+from dard.data import TrainBatch
+from dard.losses import ard, dard, divergence, natural, rslad, sat, trades
 
 S = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 1.5]])  # student logits
 T = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # teacher logits

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dard.cli import main
-from dard.tracking import METRIC
+from dard.registry import METRIC
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.ray
@@ -42,7 +42,7 @@ def test_sweep_interrupted_resumed_registered_and_guarded(sweep_env, tmp_path, c
     other trial only, registers the champion; a worse sweep then leaves the alias alone."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.promote import show
+    from dard.registry import show
     from tuning.sweep import child_runs
 
     # no early stopping here: every trial runs its 3 epochs, so "finished" is unambiguous

@@ -10,12 +10,13 @@ from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
 from dard.logs import to_file
-from dard.tracking import METRIC, check_tracking_uri
+from dard.registry import METRIC
+from dard.tracking import check_tracking_uri
 
 
 @owns_ray
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tuning.promote import promote
+    from dard.registry import promote
     from tuning.sweep import sweep
 
     cfg = build_config(args)
@@ -44,7 +45,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from tuning.promote import promote, show, sweep_best_config
+    from dard.registry import promote, run_config, show
 
     uri = check_tracking_uri(args.tracking_uri)
     if args.registry_command == "promote":
@@ -54,7 +55,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         metric = args.metric if args.metric is not None else run.data.metrics.get(METRIC)
         if metric is None:
             raise ValueError(f"run {args.run_id} has no {METRIC} metric; pass --metric")
-        p = promote(uri, args.run_id, float(metric), sweep_best_config(uri, args.run_id), name=args.name)
+        p = promote(uri, args.run_id, float(metric), run_config(uri, args.run_id), name=args.name)
         print(f"registered {p.name} v{p.version}; champion {'moved' if p.moved else 'unchanged'}")
     elif args.registry_command == "show":
         rows = show(uri, args.name)
@@ -64,7 +65,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
                   f"promoted={r['promoted']}  champion at registration: {r['champion_at_registration']}  run {r['run_id']}")
     else:  # load
         from dard.models import save_model
-        from dard.tracking import load_registered
+        from dard.registry import load_registered
 
         model, header = load_registered(args.uri if args.uri.startswith("models:/") else f"models:/{args.uri}", uri)
         save_model(args.out, model, arch=header["arch"], num_classes=header["num_classes"],

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dard.config import Config
-from dard.tracking import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
+from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
 from dard.tracking import EpochLogger, absolute_uri, check_tracking_uri, log_model
 from tuning.space import apply, load_space, to_tune, validate_space
 
@@ -227,9 +227,9 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) ->
     from dard.data import load_splits, to_float
     from dard.models import build_for, save_for
 
-    model = build_for(cfg.model, cfg.data.dataset)
+    model = build_for(cfg.model, cfg.data)
     model.load_state_dict(load_checkpoint(Path(checkpoint_path) / "checkpoint.pt")["model"])
-    path = save_for(Path(tempfile.mkdtemp()) / "model.pt", model, cfg.model, cfg.data.dataset,
+    path = save_for(Path(tempfile.mkdtemp()) / "model.pt", model, cfg.model, cfg.data,
                     {"method": cfg.loss.method, "config": cfg.to_dict()})
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 

@@ -42,8 +42,6 @@ from torch import nn
 from dard.attacks.pgd import cw_margin_loss, projected_gradient_attack
 from dard.config import DPGD_LOSSES
 
-INNER_LOSSES = DPGD_LOSSES
-
 
 def dice_loss(probs: torch.Tensor, target_probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-sample ``1 - 2<p, q> / (|p|^2 + |q|^2)`` for (B, K) distributions; in [0, 1]."""
@@ -58,8 +56,8 @@ def as_distribution(target: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def dpgd_inner_loss(name: str):
     """``(logits, target) -> (B,)`` for the named inner loss; target = labels or probabilities."""
-    if name not in INNER_LOSSES:
-        raise ValueError(f"attack.dpgd_loss: unknown {name!r}; choose from {', '.join(INNER_LOSSES)}")
+    if name not in DPGD_LOSSES:
+        raise ValueError(f"attack.dpgd_loss: unknown {name!r}; choose from {', '.join(DPGD_LOSSES)}")
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         q = as_distribution(target, logits.shape[1])

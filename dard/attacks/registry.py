@@ -18,6 +18,7 @@ import torch
 from dard.attacks.dpgd import dpgd
 from dard.attacks.pgd import bim, cw_inf, fgsm, pgd, trades_pgd
 from dard.config import EVAL_ATTACKS
+from dard.seeding import generator
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class AttackParams:
 
 
 def _gen(p: AttackParams) -> torch.Generator:
-    return torch.Generator().manual_seed(p.seed)
+    return generator(p.seed)
 
 
 Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, AttackParams], torch.Tensor]

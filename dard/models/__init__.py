@@ -4,22 +4,25 @@ from dard.models.io import ModelFileError, NonFiniteWeightsError, file_sha256, l
 from dard.models.registry import Normalize, available, build, count_parameters, unwrap
 
 __all__ = ["ModelFileError", "NonFiniteWeightsError", "Normalize", "available", "build", "build_for", "count_parameters",
-           "file_sha256", "load_model", "load_teacher", "save_for", "save_model", "unwrap"]
+           "file_sha256", "load_model", "load_teacher", "load_teacher_for", "save_for", "save_model", "unwrap"]
 
 
-def build_for(model_cfg, dataset: str):
-    """The configured architecture sized for ``dataset`` (classes, input channels)."""
-    from dard.config import IMAGE_SHAPE, NUM_CLASSES
-
-    return build(model_cfg.arch, NUM_CLASSES[dataset], IMAGE_SHAPE[dataset][0], **arch_kwargs(model_cfg))
+def build_for(model_cfg, data_cfg):
+    """The configured architecture sized for the dataset of ``data_cfg`` (classes, input channels)."""
+    return build(model_cfg.arch, data_cfg.num_classes, data_cfg.image_shape[0], **arch_kwargs(model_cfg))
 
 
-def save_for(path, model, model_cfg, dataset: str, meta: dict | None = None):
+def save_for(path, model, model_cfg, data_cfg, meta: dict | None = None):
     """:func:`save_model` for a model built by :func:`build_for` (same facts); returns the path."""
-    from dard.config import IMAGE_SHAPE, NUM_CLASSES
+    return save_model(path, model, arch=model_cfg.arch, num_classes=data_cfg.num_classes,
+                      in_channels=data_cfg.image_shape[0], dataset=data_cfg.dataset, arch_kwargs=arch_kwargs(model_cfg),
+                      meta=meta)
 
-    return save_model(path, model, arch=model_cfg.arch, num_classes=NUM_CLASSES[dataset],
-                      in_channels=IMAGE_SHAPE[dataset][0], dataset=dataset, arch_kwargs=arch_kwargs(model_cfg), meta=meta)
+
+def load_teacher_for(path, data_cfg, arch: str | None = None, *, data: bytes | None = None):
+    """:func:`load_teacher` checked against the dataset of ``data_cfg`` (classes, input channels);
+    ``arch`` None: what a dard file says (a bare state dict needs it). Returns (model, header)."""
+    return load_teacher(path, arch, data_cfg.num_classes, data_cfg.image_shape[0], data=data)
 
 
 def arch_kwargs(model_cfg) -> dict:
