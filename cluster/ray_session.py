@@ -25,6 +25,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         # nothing to watch on one machine and logs an ERROR line from its actor at every fit.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray's own default for a new local cluster (a token in ~/.ray/auth_token), stated: left
+        # unset, Ray warns on the console at every start that it chose it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
@@ -35,8 +38,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     else:
         # address="local": always a fresh local Ray, never one that a `ray start` left on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 object_store_memory=1_000_000_000, **kwargs)
+                 object_store_memory=1_000_000_000,
+                 runtime_env={"worker_process_setup_hook": "cluster.ray_session.address_own_cluster"}, **kwargs)
     return ray
+
+
+def address_own_cluster() -> None:
+    """Run in every worker of a local Ray that :func:`ensure_ray` started: Ray's state API (Ray
+    Train's placement-group cleaner calls it) looks for *the* Ray of the machine and dies with a
+    traceback when it finds two (this one and, say, a ``ray start`` cluster); name ours."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def cluster_has_gpus() -> bool:
