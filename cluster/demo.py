@@ -198,8 +198,7 @@ def run_demo(s: DemoSettings) -> dict:
         logger.close()
     dard_metrics = json.loads(Path(out / "dard" / "final_metrics.json").read_text())
     promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics[METRIC]), students["dard"][1])
-    _done(t, f"{promotion.name} v{promotion.version} " + ("is the champion" if promotion.moved else
-                                                          f"registered; champion stays v{promotion.previous_champion}"))
+    _done(t, promotion.summary())
 
     _stage(7, "results")
     table = side_by_side({k: v[0] for k, v in reports.items()})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dard.config import Config, from_dict
-from dard.tracking import MODEL_ARTIFACT, TrackingError, absolute_uri, check_tracking_uri
+from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, TrackingError, absolute_uri, check_tracking_uri
 
 ALIAS = "champion"
 METRIC = "val_robust_acc"
@@ -73,7 +73,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
             raise TrackingError(f"{model_uri}: holds no {MODEL_ARTIFACT} (registered by another tool or an older "
                                 "dard?); dard loads registry models only from that weights-only file")
         model, file_header = load_model(weights)  # weights_only: nothing in the registry is unpickled
-    config = json.loads(version.tags["dard.config"]) if "dard.config" in version.tags else None
+    config = json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None
     header = {**file_header, "format": "registry", "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
                                           "registry": f"{name} v{version.version}"}}
     return model, header
@@ -88,6 +88,17 @@ class Promotion:
     previous_metric: float | None
     moved: bool
     already_registered: bool = False
+
+    def summary(self) -> str:
+        """One line: the version registered and what it did to the champion alias."""
+        head = f"registered {self.name} v{self.version} ({METRIC} {100 * self.metric:.2f}%)"
+        if self.already_registered:
+            return f"{head}: already registered; nothing changed"
+        if self.moved:
+            return f"{head}: the new champion" + (f" (was v{self.previous_champion}, {100 * self.previous_metric:.2f}%)"
+                                                  if self.previous_champion else "")
+        return (f"{head}: did not beat champion v{self.previous_champion} ({100 * self.previous_metric:.2f}%); "
+                "alias unchanged")
 
 
 def model_name(cfg) -> str:
@@ -112,7 +123,7 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
         version = mlflow.register_model(f"runs:/{run_id}/model", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
-            "dard.config": json.dumps(cfg.to_dict()), "dard.run_id": run_id}
+            CONFIG_TAG: json.dumps(cfg.to_dict()), "dard.run_id": run_id}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     previous, previous_metric = None, None
@@ -156,25 +167,10 @@ def show(tracking_uri: str, name: str) -> list[dict]:
 
 
 def run_config(tracking_uri: str, run_id: str) -> Config:
-    """The run config a run (a sweep trial) was logged with, from its params; for promoting a run by id."""
+    """The config a run was trained with (its ``dard.config`` tag, validated); for promoting a run by id."""
     from mlflow.tracking import MlflowClient
 
-    params = MlflowClient(tracking_uri=absolute_uri(tracking_uri)).get_run(run_id).data.params
-    raw: dict = {}
-    for key, value in params.items():
-        if key.startswith("trial."):
-            continue
-        section, _, field = key.partition(".")
-        raw.setdefault(section, {})[field] = _parse(value)
-    return from_dict(raw)
-
-
-def _parse(text: str):
-    import yaml
-
-    if text == "":
-        return []
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and "," in value:  # flattened tuples
-        return [yaml.safe_load(v) for v in value.split(",")]
-    return value
+    tags = MlflowClient(tracking_uri=absolute_uri(tracking_uri)).get_run(run_id).data.tags
+    if CONFIG_TAG not in tags:
+        raise TrackingError(f"run {run_id} has no {CONFIG_TAG} tag: it was not logged by dard's training or sweep")
+    return from_dict(json.loads(tags[CONFIG_TAG]))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_EXPERIMENT = "dard"
+CONFIG_TAG = "dard.config"  # a run's (and a registered version's) whole config, JSON
 
 
 class TrackingError(RuntimeError):
@@ -86,8 +87,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def system_tags(cfg, teacher_sha256: str | None = None, shards_fingerprint: str | None = None) -> dict[str, str]:
     from dard import __version__
 
+    from dard.config import to_dict
+
+    # the whole config as one JSON tag: the exact run, for `dard registry promote --run-id` (params
+    # are flattened strings: None, tuples and empty values do not come back from them)
     tags = {"dard.version": __version__, "dard.dataset": cfg.data.dataset, "dard.method": cfg.loss.method,
-            "dard.arch": cfg.model.arch}
+            "dard.arch": cfg.model.arch, CONFIG_TAG: json.dumps(to_dict(cfg))}
     commit = git_commit()
     if commit:
         tags["dard.git_commit"] = commit

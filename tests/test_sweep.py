@@ -37,9 +37,9 @@ def sweep_args(env, name, *extra, epochs=6):
             "--set", "run.eval_limit=90", *extra]
 
 
-def test_sweep_interrupted_resumed_registered_and_guarded(sweep_env, tmp_path, capsys):
+def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     """One sweep, Ctrl-C after its first trial: exit 130, nothing registered; --resume runs the
-    other trial only, registers the champion; a worse sweep then leaves the alias alone."""
+    other trial only, registers the champion, which then loads and evaluates by name."""
     from mlflow.tracking import MlflowClient
 
     from dard.registry import show
@@ -93,20 +93,8 @@ def test_sweep_interrupted_resumed_registered_and_guarded(sweep_env, tmp_path, c
         assert float(p["loss.w_adv"]) + float(p["loss.w_rob"]) + float(p["loss.w_nat"]) == pytest.approx(1, abs=1e-6)
         assert "trial.temperature" in p and "val_pgd_acc" in child.data.metrics
     versions = show(sweep_env["uri"], "dard-digits-cnn_small")
-    assert versions[0]["aliases"] == ["champion"]
-    first_metric = float(versions[0][METRIC])
-
-    # a deliberately worse sweep (the learning rate leaves the student at its initialisation)
-    space = tmp_path / "bad.yaml"
-    space.write_text("lr: 1.0e-7\nw_rob: 1.0\nw_adv: 0.0\nw_nat: 0.0\n")
-    assert first_metric > 0.02  # precondition: above an untrained student, which PGD+CW at eps 0.2 take to ~0
-    assert main(sweep_args(sweep_env, "worse", "--trials", "1", "--space", str(space), epochs=1)) == 0
-    assert "alias unchanged" in capsys.readouterr().out
-    versions = show(sweep_env["uri"], "dard-digits-cnn_small")
-    assert [str(v["version"]) for v in versions] == ["2", "1"]
-    assert versions[0]["aliases"] == [] and versions[1]["aliases"] == ["champion"]
-    assert float(versions[0][METRIC]) < first_metric
-    assert versions[0]["champion_at_registration"].startswith("v1")
+    assert versions[0]["aliases"] == ["champion"] and float(versions[0][METRIC]) > 0.02  # above an untrained student
+    # a worse run leaves the alias alone: tests/test_registry.py (the same promote, by run id)
 
     # the champion loads by name and evaluates
     assert main(["evaluate", "--model", "models:/dard-digits-cnn_small@champion", "--tracking-uri", sweep_env["uri"],
@@ -115,7 +103,7 @@ def test_sweep_interrupted_resumed_registered_and_guarded(sweep_env, tmp_path, c
     assert "pgd20" in capsys.readouterr().out
     assert main(["registry", "show", "dard-digits-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
     shown = capsys.readouterr().out
-    assert "v1" in shown and "aliases=champion" in shown and "v2" in shown
+    assert "v1" in shown and "aliases=champion" in shown
 
 
 def test_bad_inputs_fail_before_any_trial(sweep_env, capsys):

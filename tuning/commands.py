@@ -36,11 +36,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.no_promote and result.best_run_id:
         from tuning.space import apply
 
-        p = promote(uri, result.best_run_id, float(result.best_metrics[METRIC]), apply(cfg, result.best_params))
-        verdict = "is the new champion" if p.moved else "was already registered; nothing changed" if \
-            p.already_registered else (
-            f"did not beat champion v{p.previous_champion} ({100 * p.previous_metric:.2f}%); alias unchanged")
-        print(f"registered {p.name} v{p.version} ({100 * p.metric:.2f}%): {verdict}")
+        print(promote(uri, result.best_run_id, float(result.best_metrics[METRIC]), apply(cfg, result.best_params)).summary())
     return 0
 
 
@@ -55,8 +51,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         metric = args.metric if args.metric is not None else run.data.metrics.get(METRIC)
         if metric is None:
             raise ValueError(f"run {args.run_id} has no {METRIC} metric; pass --metric")
-        p = promote(uri, args.run_id, float(metric), run_config(uri, args.run_id), name=args.name)
-        print(f"registered {p.name} v{p.version}; champion {'moved' if p.moved else 'unchanged'}")
+        print(promote(uri, args.run_id, float(metric), run_config(uri, args.run_id), name=args.name).summary())
     elif args.registry_command == "show":
         rows = show(uri, args.name)
         print(f"{args.name}:")

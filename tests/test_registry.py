@@ -1,0 +1,58 @@
+"""`dard registry promote|show`: the champion alias moves only for a better run; a run is one version."""
+import json
+
+import torch
+
+from dard.cli import main
+from dard.config import Config
+from dard.models import build, save_model
+from dard.registry import METRIC, show
+
+
+def logged_run(tmp_path, uri, metric: float, lr: float) -> str:
+    """An MLflow run as a training leaves it: its config as params, its METRIC, its model logged."""
+    from dard.tracking import EpochLogger, log_model
+
+    cfg = Config.for_dataset("digits", model={"arch": "cnn_small"}, optim={"lr": lr})
+    path = save_model(tmp_path / f"m-{lr}.pt", build("cnn_small", 10, 1), arch="cnn_small", num_classes=10,
+                      in_channels=1, dataset="digits", meta={"config": cfg.to_dict()})
+    logger = EpochLogger({"uri": uri, "experiment": "t"}, cfg)
+    logger.log({METRIC: metric}, step=0)
+    log_model(logger.run_id, path, torch.rand(2, 1, 8, 8), tracking_uri=uri)
+    return logger.run_id
+
+
+def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, worse, better = (logged_run(tmp_path, uri, m, lr) for m, lr in ((0.5, 0.1), (0.3, 0.2), (0.7, 0.3)))
+    capsys.readouterr()
+
+    def promote(run_id: str) -> str:
+        assert main(["registry", "promote", "--run-id", run_id, "--tracking-uri", uri]) == 0
+        return capsys.readouterr().out
+
+    name = "dard-digits-cnn_small"
+    assert f"registered {name} v1 ({METRIC} 50.00%): the new champion" in promote(first)
+    assert "did not beat champion v1 (50.00%); alias unchanged" in promote(worse)
+    assert "already registered; nothing changed" in promote(first)  # one run is one version
+    versions = show(uri, name)
+    assert [(str(v["version"]), v["aliases"]) for v in versions] == [("2", []), ("1", ["champion"])]
+    assert versions[0]["champion_at_registration"].startswith("v1") and versions[0]["promoted"] == "false"
+    assert "the new champion (was v1, 50.00%)" in promote(better)
+    assert [(str(v["version"]), v["aliases"]) for v in show(uri, name)][0] == ("3", ["champion"])
+
+    # the version carries the run's config (from its params), so it evaluates as trained
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri=uri).get_model_version(name, "3").tags
+    assert json.loads(tags["dard.config"])["optim"]["lr"] == 0.3 and tags[METRIC] == "0.700000"
+    assert main(["registry", "show", name, "--tracking-uri", uri]) == 0
+    shown = capsys.readouterr().out
+    assert "v3" in shown and "aliases=champion" in shown and "v2" in shown and "v1" in shown
+
+    # a run another tool logged (no dard config on it): one line naming what is missing, nothing registered
+    foreign = MlflowClient(tracking_uri=uri).create_run("0").info.run_id
+    assert main(["registry", "promote", "--run-id", foreign, "--metric", "0.9", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no dard.config tag" in err
+    assert len(show(uri, name)) == 3
