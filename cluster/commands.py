@@ -29,6 +29,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 @owns_ray
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.train import train_distributed
+    from dard.engine import validation_summary
 
     cfg = build_config(args)
     if args.run_dir:
@@ -62,10 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if logger is not None:
         logger.client.log_artifact(logger.run_id, result.model_path, artifact_path="model_file")
         logger.close()
-    m = result.metrics
-    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers: validation natural "
-          f"{100 * m.get('val_natural_acc', float('nan')):.2f}%, PGD-{cfg.run.eval_pgd_steps} "
-          f"{100 * m.get('val_pgd_acc', float('nan')):.2f}%")
+    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers: "
+          f"{validation_summary(cfg, result.metrics)}")
     print(f"model: {result.model_path}\ncheckpoint: {result.checkpoint_dir}\nRay run: {result.run_path}")
     if logger is not None:
         print(f"MLflow run {logger.run_id} in {tracking['uri']} (`mlflow ui --backend-store-uri {tracking['uri']}`)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dard.config import Config, teacher_config
 from dard.data import load_splits, to_float
+from dard.engine import validation_summary
 from dard.logs import LOG_FILE
 from dard.attacks.registry import AUTOATTACK, PROTOCOL
 from dard.evaluate import EvalSettings, Report, evaluate_model
@@ -162,8 +163,7 @@ def run_demo(s: DemoSettings) -> dict:
                                        storage_path=str(out / "ray"), address=s.address,
                                        tracking={"uri": uri, "run_id": logger.run_id}, out=str(model_path))
             Path(out / method / "final_metrics.json").write_text(json.dumps(result.metrics))
-            _done(t, f"validation natural {100 * result.metrics['val_natural_acc']:.1f}%, "
-                     f"PGD-10 {100 * result.metrics['val_pgd_acc']:.1f}%")
+            _done(t, validation_summary(cfg, result.metrics))
         students[method] = (model_path, cfg, logger)
 
     t = _stage(5, "the attack suite on the test split: " + ", ".join(PROTOCOL)

@@ -98,6 +98,7 @@ def _run_dir(out: Path, given: str | None) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """train-teacher and distill: one training function, different defaults."""
+    from dard.engine import validation_summary
     from dard.training import fit
 
     cfg = build_config(args)
@@ -126,9 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  batch_source=source, batches_per_epoch=steps, extra_meta=meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["model_path"], out)
-    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: validation natural "
-          f"{100 * result.get('val_natural_acc', float('nan')):.2f}%, PGD-{cfg.run.eval_pgd_steps} "
-          f"{100 * result.get('val_pgd_acc', float('nan')):.2f}%")
+    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: {validation_summary(cfg, result)}")
     print(f"model: {out}   checkpoints and history: {cfg.run.out_dir}")
     return 0
 

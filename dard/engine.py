@@ -176,6 +176,13 @@ def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cf
     return history
 
 
+def validation_summary(cfg: Config, metrics: dict) -> str:
+    """The final validation accuracies, as a command's closing line says them."""
+    nan = float("nan")
+    return (f"validation natural {100 * metrics.get('val_natural_acc', nan):.1f}%, "
+            f"PGD-{cfg.run.eval_pgd_steps} {100 * metrics.get('val_pgd_acc', nan):.1f}%")
+
+
 def epoch_line(cfg: Config, metrics: dict) -> str:
     """The one line a person reads per epoch."""
     keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "val_robust_acc", "train_images_per_s")

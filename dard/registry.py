@@ -46,7 +46,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
     if "@" not in spec and "/" not in spec:
         raise TrackingError(f"{model_uri}: name an alias or a version, e.g. models:/{spec}@champion or models:/{spec}/1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = check_tracking_uri(tracking_uri)  # unreachable: fails at once, no retries
+    uri = check_tracking_uri(tracking_uri, existing=True)  # unreachable: fails at once, no retries
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     try:
@@ -147,7 +147,7 @@ def show(tracking_uri: str, name: str) -> list[dict]:
 
     import mlflow
 
-    uri = check_tracking_uri(tracking_uri)
+    uri = check_tracking_uri(tracking_uri, existing=True)
     client = MlflowClient(tracking_uri=uri)
     try:
         model = client.get_registered_model(name)

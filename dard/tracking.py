@@ -35,11 +35,15 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
+def check_tracking_uri(uri: str | None, timeout_s: float = 5.0, existing: bool = False) -> str:
     """The store to use (``uri``, else :func:`default_tracking_uri`), as an absolute URI; fails fast
-    with a clear error if it cannot be reached."""
+    with a clear error if it cannot be reached. ``existing``: a command that only reads (the
+    registry) refuses a sqlite file that is not there, instead of creating an empty store."""
     uri = absolute_uri(uri or default_tracking_uri())
     if uri.startswith("sqlite:///"):
+        if existing and not Path(uri[len("sqlite:///"):]).is_file():
+            raise TrackingError(f"tracking URI {uri}: no MLflow database there; pass the --tracking-uri "
+                                "the runs were logged to")
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")

@@ -145,6 +145,13 @@ def test_video_labels_without_their_column(trained_models, tmp_path, capsys):
 def test_registry_errors(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     fails(["evaluate", "--model", "models:/dard-digits-cnn_small", "--tracking-uri", uri], capsys, "name an alias")
+    for argv in (["registry", "show", "nobody"], ["registry", "promote", "--run-id", "0" * 32],
+                 ["evaluate", "--model", "models:/x@champion"]):
+        fails([*argv, "--tracking-uri", uri], capsys, "no MLflow database there")
+    assert not (tmp_path / "m.db").exists()  # a command that reads the registry creates no store
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments()  # now an empty store
     fails(["registry", "show", "nobody", "--tracking-uri", uri], capsys, "no registered model 'nobody'")
     started = time.time()
     fails(["evaluate", "--model", "models:/x@champion", "--tracking-uri", "http://127.0.0.1:9"], capsys, "unreachable")

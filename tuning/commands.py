@@ -43,7 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     from dard.registry import promote, run_config, show
 
-    uri = check_tracking_uri(args.tracking_uri)
+    uri = check_tracking_uri(args.tracking_uri, existing=True)
     if args.registry_command == "promote":
         from mlflow.tracking import MlflowClient
 
