@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if logger is not None:
         logger.client.log_artifact(logger.run_id, result.model_path, artifact_path="model_file")
         logger.close()
-    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers: "
+    print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers on "
+          f"{result.metrics.get('nodes', 1)} node(s): "
           f"{validation_summary(cfg, result.metrics)}")
     print(f"model: {result.model_path}\ncheckpoint: {result.checkpoint_dir}\nRay run: {result.run_path}")
     if logger is not None:

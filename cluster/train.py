@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hook: Callable | None = config.get("step_hook")
     run_epochs(model, optimizer, scheduler, cfg, batches, device=device, steps=steps, start_epoch=start_epoch,
                history=history, val=load_splits(cfg.data).val if rank == 0 else None, rank=rank,
-               extra_metrics={"world_size": world}, on_epoch_end=report,
+               extra_metrics={"world_size": world, "nodes": _nodes(world)}, on_epoch_end=report,
                on_step=None if hook is None else
                (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=steps, model=model)))
     if checkpoint and start_epoch >= cfg.optim.epochs and history:
@@ -103,6 +103,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log(history[-1], start_epoch - 1)
         ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
+
+
+def _nodes(world: int) -> int:
+    """How many Ray nodes the DDP workers run on (a collective: every rank calls it)."""
+    import ray
+
+    ids = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(ids, ids[0])
+    return len(set(ids))
 
 
 class _NoTracker:

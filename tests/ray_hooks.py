@@ -14,8 +14,7 @@ from pathlib import Path
 
 class WeightsLog:
     """After every step each rank appends ``{epoch, step, digest}`` (a hash of its trainable
-    weights; BN running stats are per rank by design) to ``<directory>/rank<r>.jsonl`` and writes its
-    Ray node id to ``rank<r>.node`` once. With ``kill_at_epoch`` the last rank then kills its own
+    weights; BN running stats are per rank by design) to ``<directory>/rank<r>.jsonl``. With ``kill_at_epoch`` the last rank then kills its own
     process once (``marker`` records it), halfway through that epoch: a hard worker death, as a lost
     node or an OOM kill would be. It waits ``delay_s`` first so the previous epoch's checkpoint is
     registered by the controller (a death right after ``report`` may race it)."""
@@ -28,10 +27,6 @@ class WeightsLog:
         from dard.models import unwrap
 
         log = Path(self.directory) / f"rank{rank}.jsonl"
-        if not log.with_suffix(".node").exists():
-            import ray
-
-            log.with_suffix(".node").write_text(ray.get_runtime_context().get_node_id())
         h = hashlib.sha256()
         for tensor in unwrap(model).parameters():
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
