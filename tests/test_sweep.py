@@ -49,7 +49,10 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     epochs = 3
     args = sweep_args(sweep_env, "first", "--trials", "2", "--space", "rslad-like", "--grace-period", str(epochs),
                       epochs=epochs)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the sweep joins the test session's Ray, as `dard sweep` joins a cluster named by RAY_ADDRESS
+    import ray
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_uri=sweep_env["uri"])
