@@ -14,10 +14,11 @@ from pathlib import Path
 
 class WeightsLog:
     """After every step each rank appends ``{epoch, step, digest}`` (a hash of its trainable
-    weights; BN running stats are per rank by design) to ``<directory>/rank<r>.jsonl``. With ``kill_at_epoch`` the last rank then kills its own
-    process once (``marker`` records it), halfway through that epoch: a hard worker death, as a lost
-    node or an OOM kill would be. It waits ``delay_s`` first so the previous epoch's checkpoint is
-    registered by the controller (a death right after ``report`` may race it)."""
+    weights; BN running stats are per rank by design) to ``<directory>/rank<r>.jsonl``. With
+    ``kill_at_epoch`` the last rank then kills its own process once (``marker`` records it), halfway
+    through that epoch: a hard worker death, as a lost node or an OOM kill would be. It waits
+    ``delay_s`` first so the previous epoch's checkpoint is registered by the controller (a death
+    right after ``report`` may race it)."""
 
     def __init__(self, directory: str, kill_at_epoch: int | None = None, marker: str | None = None,
                  delay_s: float = 3.0):
