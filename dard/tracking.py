@@ -41,15 +41,15 @@ def check_tracking_uri(uri: str | None, timeout_s: float = 5.0, existing: bool =
     registry) refuses a sqlite file that is not there, instead of creating an empty store."""
     uri = absolute_uri(uri or default_tracking_uri())
     if uri.startswith("sqlite:///"):
-        if existing and not Path(uri[len("sqlite:///"):]).is_file():
+        db = Path(uri[len("sqlite:///"):])
+        if existing and not db.is_file():
             raise TrackingError(f"tracking URI {uri}: no MLflow database there; pass the --tracking-uri "
                                 "the runs were logged to")
-        folder = Path(uri[len("sqlite:///"):]).parent
+        folder = db.parent
         if not folder.is_dir():
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking URI {uri}: folder {folder} is not writable")
-        db = Path(uri[len("sqlite:///"):])
         if db.exists() and not (db.stat().st_mode & 0o222 and os.access(db, os.W_OK)):  # root ignores modes
             raise TrackingError(f"tracking URI {uri}: {db} is read-only; make it writable or use another --tracking-uri")
         return uri
