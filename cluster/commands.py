@@ -76,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import DemoSettings, run_demo
 
-    kw = {"out": args.out, "fresh": args.fresh, "tracking_uri": args.tracking_uri, "address": args.address}
-    settings = DemoSettings.quick(**kw) if args.quick else DemoSettings(**kw)
+    kw = {"out": args.out, "fresh": args.fresh, "tracking_uri": args.tracking_uri, "address": args.address,
+          "data_dir": args.data_dir}
+    settings = (DemoSettings.quick if args.quick else DemoSettings.for_dataset)(args.dataset, **kw)
     for name in ("teacher_arch", "teacher_epochs", "student_epochs", "workers", "aa_limit"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -91,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits: teacher, shards, DARD on Ray Train, "
                                     "SAT baseline, attack suite, MLflow, registry")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits",
+                   help="fashion-mnist: a 6k-image subset, cnn_small teacher (about N min on 2 CPUs)")
+    p.add_argument("--data-dir", help="fashion-mnist: the IDX files' folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by the tests)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--teacher-arch", help="teacher architecture (default cnn_medium)")

@@ -1,8 +1,8 @@
-"""`dard demo`: the whole system on the embedded digits, in one go, on a laptop.
+"""`dard demo`: the whole system on the embedded digits (or Fashion-MNIST), in one go, on a laptop.
 
 Stages (each reused on a re-run unless ``--fresh``; each shows progress):
-1. a robust teacher (the recipe of ``dard.config.TEACHER_DEFAULTS``, SAT, on cnn_medium for 15
-   epochs: the demo's budget), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
+1. a robust teacher (the dataset's recipe in ``dard.config.TEACHER_DEFAULTS`` within the demo's
+   budget: on digits cnn_medium for 15 epochs; ``DATASET_BUDGETS`` for others), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
    and verified by sha256 before reuse
 2. teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)
 3. the DARD student with Ray Train, 2 DDP workers, from the shards
@@ -10,7 +10,7 @@ Stages (each reused on a re-run unless ``--fresh``; each shows progress):
 5. the full attack suite on the test split for the DARD and SAT students (AutoAttack standard,
    the headline); the teacher without AutoAttack unless ``--teacher-aa``
 6. MLflow: a run per model with metrics and reports; the DARD student registered as
-   ``dard-digits-<arch>`` (champion only if it beats the current one)
+   ``dard-<dataset>-<arch>`` (champion only if it beats the current one)
 7. a side-by-side table, and where the MLflow UI, shards and checkpoints are
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ log = logging.getLogger("dard")
 @dataclass
 class DemoSettings:
     out: str = "runs/demo"
+    dataset: str = "digits"
+    data_dir: str | None = None
     teacher_arch: str = "cnn_medium"
     teacher_epochs: int = 15
     teacher_aa: bool = False  # AutoAttack on the teacher too (minutes on a CPU)
@@ -49,17 +51,31 @@ class DemoSettings:
     workers: int = 2
     views: int = 2
     aa_limit: int = 200
-    eval_limit: int | None = None
+    eval_limit: int | None = None  # test samples for the attack suite (None: all)
+    val_limit: int | None = None  # validation samples per epoch (None: the dataset's run.eval_limit)
     limit_train: int | None = None
     tracking_uri: str | None = None
     fresh: bool = False
     address: str | None = None
 
     @classmethod
-    def quick(cls, **kw) -> "DemoSettings":
+    def for_dataset(cls, dataset: str = "digits", **kw) -> "DemoSettings":
+        """The demo's budget for ``dataset`` (``DATASET_BUDGETS``), ``kw`` on top."""
+        return cls(**{"dataset": dataset, **DATASET_BUDGETS.get(dataset, {}), **kw})
+
+    @classmethod
+    def quick(cls, dataset: str = "digits", **kw) -> "DemoSettings":
         """Minutes -> about a minute: for the test suite and a first look."""
-        return cls(**{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 20, "eval_limit": 100,
-                      "limit_train": 512, **kw})
+        return cls.for_dataset(dataset, **{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 20, "eval_limit": 100,
+                                           "val_limit": 100, "limit_train": 512, **kw})
+
+
+# Fashion-MNIST on a CPU: 70k images of 28x28 cost ~50x a digits epoch, so the demo trains on a
+# subset and evaluates a slice; benchmarks/results/grid-fashion-mnist.md has the full protocol.
+DATASET_BUDGETS = {
+    "fashion-mnist": {"teacher_arch": "cnn_small", "teacher_epochs": 10, "student_epochs": 8, "limit_train": 6000,
+                      "eval_limit": 1000, "val_limit": 500, "aa_limit": 200},
+}
 
 
 def _stage(number: int, text: str) -> float:
@@ -84,7 +100,7 @@ def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
 
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "run"} | {"seed": cfg.run.seed}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    folder = teacher_cache_dir() / f"digits-{cfg.model.arch}-{key}"
+    folder = teacher_cache_dir() / f"{cfg.data.dataset}-{cfg.model.arch}-{key}"
     model, record = folder / "model.pt", folder / "model.sha256"
     if not fresh and model.exists() and record.exists():
         if file_sha256(model) == record.read_text().strip():
@@ -121,17 +137,19 @@ def run_demo(s: DemoSettings) -> dict:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     uri = check_tracking_uri(s.tracking_uri)
-    data = {"limit_train": s.limit_train}
+    data = {"limit_train": s.limit_train, "data_dir": s.data_dir}
+    validation = {"eval_limit": s.val_limit} if s.val_limit else {}
     summary: dict = {"out": str(out), "tracking_uri": uri}
 
-    teacher_cfg = teacher_config("digits", data=data, model={"arch": s.teacher_arch}, optim={"epochs": s.teacher_epochs})
-    t = _stage(1, f"robust teacher: {teacher_cfg.loss.method.upper()} {teacher_cfg.model.arch} on digits, "
+    teacher_cfg = teacher_config(s.dataset, data=data, model={"arch": s.teacher_arch}, optim={"epochs": s.teacher_epochs},
+                                 run=validation)
+    t = _stage(1, f"robust teacher: {teacher_cfg.loss.method.upper()} {teacher_cfg.model.arch} on {s.dataset}, "
                   f"{teacher_cfg.optim.epochs} epochs")
     teacher_path, what = _cached_teacher(teacher_cfg, s.fresh)
     _done(t, what)
 
-    student_cfg = Config.for_dataset("digits", data=data, optim={"epochs": s.student_epochs},
-                                     run={"out_dir": str(out / "dard")})
+    student_cfg = Config.for_dataset(s.dataset, data=data, optim={"epochs": s.student_epochs},
+                                     run={**validation, "out_dir": str(out / "dard")})
     shards = out / "shards"
     t = _stage(2, f"teacher soft labels on natural + DPGD views ({s.views} per sample) -> Arrow shards, Ray tasks")
     try:
@@ -150,9 +168,11 @@ def run_demo(s: DemoSettings) -> dict:
     students = {}
     for number, method in ((3, "dard"), (4, "sat")):
         label = "DARD" if method == "dard" else "SAT (baseline, same budget)"
-        t = _stage(number, f"{label} student cnn_small: Ray Train, {s.workers} DDP workers, {s.student_epochs} epochs")
-        cfg = Config.for_dataset("digits", data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
-                                 run={"out_dir": str(out / method)})
+        width = f" (width {student_cfg.model.width:g})" if student_cfg.model.width != 1 else ""
+        t = _stage(number, f"{label} student {student_cfg.model.arch}{width}: Ray Train, {s.workers} DDP workers, "
+                           f"{s.student_epochs} epochs")
+        cfg = Config.for_dataset(s.dataset, data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
+                                 run={**validation, "out_dir": str(out / method)})
         model_path = out / method / "model.pt"
         logger = EpochLogger({"uri": uri, "experiment": "dard-demo", "run_name": f"demo-{method}"}, cfg)
         if model_path.exists():
@@ -183,7 +203,7 @@ def run_demo(s: DemoSettings) -> dict:
             continue
         model, header = load_model(path)
         report = evaluate_model(model, x, y, settings)
-        report.meta = {"model": name, "arch": header["arch"], "dataset": "digits", "split": "test",
+        report.meta = {"model": name, "arch": header["arch"], "dataset": s.dataset, "split": "test",
                        "model_sha256": sha256}
         reports[name] = (report, write_report(report, out / "reports", stem=name.lower()))
     _done(t, (f"reused the reports of {', '.join(reused)} (same model files, same settings); " if reused else "")
@@ -201,7 +221,7 @@ def run_demo(s: DemoSettings) -> dict:
     _done(t, promotion.summary())
 
     _stage(7, "results")
-    table = side_by_side({k: v[0] for k, v in reports.items()})
+    table = side_by_side({k: v[0] for k, v in reports.items()}, student_cfg.attack.eps)
     print(table)
     warnings = [f"{name}: {c.name}: {c.detail}" for name, (r, _) in reports.items() for c in r.warnings]
     if warnings:
@@ -218,7 +238,7 @@ def run_demo(s: DemoSettings) -> dict:
     return summary
 
 
-def side_by_side(reports: dict) -> str:
+def side_by_side(reports: dict, eps: float) -> str:
     """Accuracy per attack (rows) and model (columns); "—" where a model was not attacked so."""
     names = list(reports)
     attacks = [a for a in PROTOCOL if any(a in r.accuracy for r in reports.values())]
@@ -229,7 +249,7 @@ def side_by_side(reports: dict) -> str:
                                           else f"{'—':>10}" for n in names))
     n = {r.samples["natural"] for r in reports.values()}.pop()
     aa = {name: r.samples[AUTOATTACK] for name, r in reports.items() if AUTOATTACK in r.samples}
-    note = f"test split, eps 0.2, {n} samples"
+    note = f"test split, eps {eps:g}, {n} samples"
     if aa:
         note += f"; AutoAttack (standard) on the first {set(aa.values()).pop()}"
         if len(aa) < len(reports):

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from dard import logs
-from dard.config import DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, METHODS, STEP_SCHEDULES, Config, ConfigError, load_yaml
+from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, METHODS, STEP_SCHEDULES, Config, ConfigError,
+                         load_yaml, teacher_config)
 
 log = logging.getLogger("dard")
 
@@ -29,10 +30,12 @@ def pixel_value(text: str) -> float:
 def add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods: tuple[str, ...]) -> None:
     g = p.add_argument_group("run configuration (flags override --config)")
     g.add_argument("--config", help="YAML run config (see `dard config --dataset digits`)")
-    g.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, nothing downloaded)")
-    g.add_argument("--data-dir", help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/")
+    g.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, nothing downloaded); fashion-mnist "
+                   "reads local IDX files")
+    g.add_argument("--data-dir", help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/; Fashion-MNIST: "
+                   "the IDX files' folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--arch", help="architecture (see `dard models`)")
-    g.add_argument("--method", choices=methods, default=None, help=f"training objective (default {method_default})")
+    g.add_argument("--method", choices=methods, default=None, help=f"training objective (default {method_default or 'the teacher recipe'})")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
@@ -61,6 +64,8 @@ def build_config(args: argparse.Namespace) -> Config:
         if args.dataset and args.dataset != cfg.data.dataset:
             raw = Config.for_dataset(args.dataset).to_dict() | {k: v for k, v in raw.items() if k != "data"}
             raw["data"]["dataset"] = args.dataset
+    elif args.method_default is None:  # train-teacher: the dataset's teacher recipe (TEACHER_DEFAULTS)
+        raw = teacher_config(args.dataset or "digits").to_dict()
     else:
         raw = Config.for_dataset(args.dataset or "digits").to_dict()
         raw["loss"]["method"] = args.method_default
@@ -232,7 +237,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(yaml.safe_dump(Config.for_dataset(args.dataset).to_dict(), sort_keys=False), end="")
+    cfg = teacher_config(args.dataset) if args.teacher else Config.for_dataset(args.dataset)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 
@@ -243,8 +249,9 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-teacher", help="adversarially train a teacher (TRADES, SAT) in one process")
-    add_config_args(p, method_default="trades", methods=("natural", "sat", "trades"))
+    p = sub.add_parser("train-teacher", help="adversarially train a teacher (TRADES, SAT) in one process; "
+                                             "defaults: the dataset's teacher recipe (`dard config --teacher`)")
+    add_config_args(p, method_default=None, methods=("natural", "sat", "trades"))
     p.add_argument("--out", default="teacher.pt", help="model file to write")
     p.add_argument("--run-dir", help="checkpoints + history (default: <out stem>-run/ beside --out)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
@@ -306,6 +313,7 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("config", help="print a dataset's default run config as YAML")
     p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.add_argument("--teacher", action="store_true", help="the teacher recipe (what train-teacher trains) instead")
     p.set_defaults(func=cmd_config)
     return parser
 

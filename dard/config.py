@@ -16,7 +16,8 @@ from typing import Any, get_type_hints
 import yaml
 
 # Each dataset's facts: (classes, image shape (C, H, W)); read them through DataConfig.
-DATASET_FACTS = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32))}
+DATASET_FACTS = {"digits": (10, (1, 8, 8)), "fashion-mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
+                 "cifar100": (100, (3, 32, 32))}
 DATASETS = tuple(DATASET_FACTS)
 TEACHER_METHODS = ("natural", "sat", "trades")
 DISTILL_METHODS = ("dard", "ard", "rslad")
@@ -44,8 +45,10 @@ class DataConfig:
     """
 
     dataset: str = "digits"
-    data_dir: str | None = None  # CIFAR only: folder holding cifar-10-batches-py / cifar-100-python
-    split_seed: int = 0  # fixes the train/val/test partition (digits) and train/val (CIFAR)
+    # CIFAR: folder holding cifar-10-batches-py / cifar-100-python; Fashion-MNIST: the IDX files'
+    # folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)
+    data_dir: str | None = None
+    split_seed: int = 0  # fixes the train/val/test partition (digits) and train/val (others)
     val_fraction: float = 0.1
     test_fraction: float = 0.2  # digits only: CIFAR has its own test split
     crop_padding: int = 4
@@ -74,6 +77,7 @@ class ModelConfig:
     arch: str = "resnet18"
     depth: int = 34  # wideresnet only
     widen_factor: int = 10  # wideresnet only
+    width: float = 1.0  # cnn_small/medium/large only: channel multiplier (cnn_small 0.25 ~ 1k parameters)
 
 
 @dataclass
@@ -180,13 +184,18 @@ class Config:
 
 # Digits: 8x8 grey images; eps 0.2 separates methods (docs/design.md §8: a natural CNN falls to
 # ~1 % PGD-20 accuracy, TRADES keeps ~70 %); eps 0.1 barely does. No flip: digits are not mirror
-# symmetric. Small CNNs, more epochs since each epoch is tiny. The student recipe is the DARD
-# configuration an equal-budget grid selected on validation (benchmarks/method_grid.py, results in
-# benchmarks/results/grid-digits.md): SAT's term at the student's own PGD example (rob_target label)
-# plus the teacher's soft labels on its DPGD views (w_adv), onecycle lr 0.4. It ties SAT there.
+# symmetric. No crop: a one-pixel shift of an 8x8 digit is a 12 % translation; it cost SAT 15 and
+# TRADES 21 AutoAttack points (benchmarks/results/augment-digits.md). Small CNNs, more epochs since
+# each epoch is tiny. The student recipe is DARD on a SAT backbone (rob_target label: CE at the
+# student's own PGD example) plus the teacher's soft labels on its DPGD views (w_adv), onecycle lr
+# 0.4, selected on validation in benchmarks/results/capacity-digits.md; there SAT alone is as
+# robust or more at every student size.
+# Fashion-MNIST: eps 0.1 (docs/design.md §8); the student cnn_small at width 0.25 (~1k parameters)
+# under a SAT cnn_small teacher, lr 0.1, 15 epochs: the CPU protocol of
+# benchmarks/results/grid-fashion-mnist.md, where DARD's SAT backbone was selected on validation.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
-        "data": {"crop_padding": 1, "flip": False},
+        "data": {"crop_padding": 0, "flip": False},
         "model": {"arch": "cnn_small"},
         "attack": {"eps": 0.2, "step_size": 0.05, "steps": 10},
         "loss": {"rob_target": "label", "w_adv": 1.0, "w_rob": 1.0, "w_nat": 0.0, "w_ce": 0.0},
@@ -194,16 +203,27 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                   "weight_decay": 5e-4},
         "run": {"eval_limit": None},
     },
+    "fashion-mnist": {
+        "data": {"crop_padding": 0, "flip": False},
+        "model": {"arch": "cnn_small", "width": 0.25},
+        "attack": {"eps": 0.1, "step_size": 0.025, "steps": 10},
+        "loss": {"rob_target": "label", "w_adv": 1.0, "w_rob": 1.0, "w_nat": 0.0, "w_ce": 0.0},
+        "optim": {"epochs": 15, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "weight_decay": 5e-4},
+        "run": {"eval_limit": 500},
+    },
     "cifar10": {},
     "cifar100": {},
 }
 
-# The robust teacher each dataset distils from when none is given (the benchmarks'): chosen on
-# validation robust accuracy by benchmarks/method_grid.py (digits: SAT cnn_large, 80 onecycle epochs,
-# AutoAttack 73.5 % on the test split; benchmarks/results/grid-digits.md).
+# The robust teacher each dataset distils from when none is given (the benchmarks'), chosen on
+# validation robust accuracy. Digits: TRADES on cnn_large, 80 onecycle epochs (AutoAttack 76.9 % on
+# the test split; benchmarks/results/teacher-digits-nocrop.md). Fashion-MNIST: the teacher the CPU
+# protocol could afford, SAT on cnn_small (benchmarks/results/grid-fashion-mnist.md).
 TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "sat"},
+    "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "trades"},
                "optim": {"epochs": 80, "lr": 0.1, "lr_schedule": "onecycle"}},
+    "fashion-mnist": {"model": {"arch": "cnn_small", "width": 1.0}, "loss": {"method": "sat"},
+                      "optim": {"epochs": 15, "lr": 0.1, "lr_schedule": "onecycle"}},
     "cifar10": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
     "cifar100": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
 }
@@ -242,6 +262,9 @@ def validate(cfg: Config) -> None:
     need(m.arch in available(), "model.arch", f"unknown architecture {m.arch!r}; choose from {', '.join(available())}")
     need(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", f"WideResNet depth must be 6n+4 (e.g. 28, 34), got {m.depth}")
     need(m.widen_factor >= 1, "model.widen_factor", f"must be >= 1, got {m.widen_factor}")
+    need(0 < m.width <= 16, "model.width", f"must be in (0, 16], got {m.width}")
+    need(m.width == 1.0 or m.arch.startswith("cnn_"), "model.width",
+         f"scales the cnn_* models only; {m.arch} has its own size knobs")
     need(_finite(a.eps) and 0 <= a.eps <= 1, "attack.eps", f"must be in [0, 1] (pixel scale, e.g. 8/255), got {a.eps}")
     need(_finite(a.step_size) and a.step_size > 0, "attack.step_size", f"must be > 0, got {a.step_size}")
     need(a.step_size <= a.eps or a.eps == 0, "attack.step_size", f"step {a.step_size:.5g} exceeds eps {a.eps:.5g}")

@@ -1,8 +1,9 @@
 """Datasets, splits and the crop/flip augmentation whose parameters the shards record.
 
 Every dataset is held in memory as ``uint8`` images ``(N, C, H, W)`` on the 8-bit grid plus
-``int64`` labels: digits (1797 images, 8x8) and CIFAR (60k, 32x32) are small enough, and the
-shard format stores natural views as uint8 too, so both paths see identical pixels.
+``int64`` labels: digits (1797 images, 8x8), Fashion-MNIST (70k, 28x28) and CIFAR (60k, 32x32)
+are small enough, and the shard format stores natural views as uint8 too, so both paths see
+identical pixels.
 Model inputs are ``float32`` in [0, 1].
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import gzip
 
 import numpy as np
 import torch
@@ -82,8 +85,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     """The run's train/val/test splits. Validation is carved out of training, by ``split_seed``."""
     if cfg.dataset == "digits":
         splits = _digits_splits(cfg)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        train, test = _cifar(cfg)
+    elif cfg.dataset in ("cifar10", "cifar100", "fashion-mnist"):
+        train, test = _cifar(cfg) if cfg.dataset != "fashion-mnist" else _fashion_mnist(cfg)
         train, val = _split(train, cfg.val_fraction, cfg.split_seed)
         splits = Splits(train, val, test)
     else:
@@ -149,6 +152,59 @@ def _cifar(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         out.append(ArrayDataset(images, torch.as_tensor(ds.targets, dtype=torch.long), cfg.num_classes, name))
     return out[0], out[1]
+
+
+# Where Debian's dataset-fashion-mnist package puts the original IDX files: the default --data-dir.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# split -> (images file, labels file, number of samples), as Zalando publishes them
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
+    """Fashion-MNIST from its four IDX files (gzipped or not); never downloads.
+
+    ``data_dir`` (default :data:`FASHION_MNIST_DIR`) holds the files itself, or torchvision's
+    ``FashionMNIST/raw/`` layout below it. Returns (train 60k, test 10k), images uint8 (N, 1, 28, 28).
+    """
+    root = Path(cfg.data_dir or FASHION_MNIST_DIR).expanduser()
+    howto = ("Install Debian's dataset-fashion-mnist package (it puts them in "
+             f"{FASHION_MNIST_DIR}), or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+             "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in a folder and pass --data-dir <folder>.")
+    folder = next((d for d in (root, root / "FashionMNIST" / "raw") if d.is_dir() and _idx_path(d, "train-images-idx3-ubyte")), root)
+    out = []
+    for split, (images_name, labels_name, n) in _FASHION_FILES.items():
+        images = _read_idx(folder, images_name, 0x0803, (n, 28, 28), howto)
+        labels = _read_idx(folder, labels_name, 0x0801, (n,), howto)
+        if labels.max() >= cfg.num_classes:
+            raise DatasetNotFoundError(f"fashion-mnist: {_idx_path(folder, labels_name)} holds label {labels.max()}; "
+                                       f"expected 0..{cfg.num_classes - 1}: the file is corrupt. {howto}")
+        out.append(ArrayDataset(torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64)),
+                                cfg.num_classes, "fashion-mnist"))
+    return out[0], out[1]
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+
+
+def _read_idx(folder: Path, name: str, magic: int, shape: tuple[int, ...], howto: str) -> np.ndarray:
+    """One IDX file of unsigned bytes, checked: magic number, dimensions and length are the published ones."""
+    path = _idx_path(folder, name)
+    if path is None:
+        raise DatasetNotFoundError(f"fashion-mnist: {folder / name}(.gz) does not exist. {howto}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DatasetNotFoundError(f"fashion-mnist: {path} cannot be read ({type(err).__name__}: {err}). {howto}") from err
+    header = 4 + 4 * len(shape)
+    found_magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape))) if len(raw) >= header else None
+    if found_magic != magic or dims != shape or len(raw) != header + int(np.prod(shape)):
+        raise DatasetNotFoundError(f"fashion-mnist: {path} is not the expected IDX file (magic {found_magic}, dimensions "
+                                   f"{dims}, {len(raw)} bytes; expected magic {magic}, dimensions {shape}, "
+                                   f"{header + int(np.prod(shape))} bytes). {howto}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def test_shards_of_another_split_or_attack_are_refused(shards, tmp_path, capsys)
     # another split seed would put this run's validation/test samples into its training rows
     fails(distill_args(shards, out, "--set", "data.split_seed=1"), capsys, "data.split_seed 0.0 (run: 1.0)")
     fails(distill_args(shards, out, "--set", "data.val_fraction=0.2"), capsys, "data.val_fraction")
+    # another augmentation: the stored views were cropped differently from what the run trains on
+    fails(distill_args(shards, out, "--set", "data.crop_padding=3"), capsys, "data.crop_padding")
     fails(distill_args(shards, out, "--steps", "3"), capsys, "attack.steps")
     fails(distill_args(shards, out, "--dpgd-schedule", "cosine"), capsys, "attack.dpgd_schedule")
     assert not out.exists() and not (tmp_path / "s-run").exists()

@@ -9,12 +9,12 @@ def test_pixel_value():
 
 def test_train_teacher_then_evaluate(tmp_path, capsys):
     out = tmp_path / "teacher.pt"
-    assert main(["train-teacher", "--epochs", "3", "--limit-train", "300", "--steps", "2", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["train-teacher", "--arch", "cnn_small", "--epochs", "3", "--limit-train", "300", "--steps", "2",
+                 "--out", str(out), "--no-progress"]) == 0
     assert out.exists() and (tmp_path / "teacher-run" / "checkpoint.pt").exists()
     # resuming a finished run trains nothing more and keeps its history
-    assert main(["train-teacher", "--epochs", "3", "--limit-train", "300", "--steps", "2", "--out", str(out),
-                 "--no-progress", "--resume"]) == 0
+    assert main(["train-teacher", "--arch", "cnn_small", "--epochs", "3", "--limit-train", "300", "--steps", "2",
+                 "--out", str(out), "--no-progress", "--resume"]) == 0
     history = (tmp_path / "teacher-run" / "history.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in history] == [0, 1, 2]
     assert main(["evaluate", "--model", str(out), "--attacks", "natural,fgsm,pgd20", "--limit", "60",
@@ -23,6 +23,22 @@ def test_train_teacher_then_evaluate(tmp_path, capsys):
     assert "pgd20" in printed and "natural" in printed
     report = json.loads((tmp_path / "teacher-eval" / "robustness.json").read_text())
     assert 0 <= report["accuracy"]["pgd20"] <= report["accuracy"]["natural"] <= 1
+
+
+def test_train_teacher_defaults_to_the_dataset_teacher_recipe(capsys):
+    from dard.cli import build_config, make_parser
+    from dard.config import TEACHER_DEFAULTS, teacher_config
+
+    for dataset in ("digits", "fashion-mnist"):
+        args = make_parser().parse_args(["train-teacher", "--dataset", dataset])
+        assert build_config(args) == teacher_config(dataset)
+        args = make_parser().parse_args(["distill", "--dataset", dataset])
+        assert build_config(args).model.arch == "cnn_small"  # students keep the dataset's student defaults
+        assert main(["config", "--dataset", dataset, "--teacher"]) == 0
+        printed = capsys.readouterr().out
+        recipe = TEACHER_DEFAULTS[dataset]
+        assert f"arch: {recipe['model']['arch']}" in printed and f"method: {recipe['loss']['method']}" in printed
+        assert f"epochs: {recipe['optim']['epochs']}" in printed
 
 
 def test_clear_errors(tmp_path, capsys):

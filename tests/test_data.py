@@ -80,3 +80,74 @@ def test_cifar_missing_or_corrupt_folder_says_what_to_do(tmp_path):
     _write_cifar(tmp_path)  # real md5 sums do not match: torchvision reports corruption
     with pytest.raises(DatasetNotFoundError, match="incomplete or corrupted"):
         load_splits(DataConfig("cifar10", data_dir=str(tmp_path)))
+
+
+def _write_idx(path, magic, array, gz):
+    import gzip
+
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def _write_fashion(folder, n_train=60000, n_test=10000, gz=True, seed=0):
+    """The four IDX files of Fashion-MNIST's published shapes, random pixels (what the loader checks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    written = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        written[prefix] = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", 0x0803, written[prefix][0], gz)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", 0x0801, written[prefix][1], gz)
+    return written
+
+
+@pytest.mark.parametrize("layout", ["flat-gz", "torchvision-raw"])
+def test_fashion_mnist_from_idx_files_both_layouts(tmp_path, layout):
+    folder = tmp_path if layout == "flat-gz" else tmp_path / "FashionMNIST" / "raw"
+    written = _write_fashion(folder, gz=layout == "flat-gz")
+    splits = load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.1))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (54000, 6000, 10000)
+    assert splits.train.images.shape[1:] == (1, 28, 28) and splits.train.images.dtype == torch.uint8
+    # the bytes are the files': the test split as written, train + val a partition of the training file
+    assert np.array_equal(splits.test.images[:, 0].numpy(), written["t10k"][0])
+    assert np.array_equal(splits.test.labels.numpy(), written["t10k"][1])
+    train_images, train_labels = written["train"]
+    assert int(splits.train.images.sum()) + int(splits.val.images.sum()) == int(train_images.sum())
+    assert int(splits.train.labels.sum()) + int(splits.val.labels.sum()) == int(train_labels.sum())
+
+
+def test_fashion_mnist_wrong_files_are_refused_by_name(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"train-images-idx3-ubyte\(\.gz\) does not exist.*dataset-fashion-mnist"):
+        load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path)))
+    _write_fashion(tmp_path, n_test=9999)  # a truncated test set: dimensions differ from the published ones
+    with pytest.raises(DatasetNotFoundError, match=r"t10k-images-idx3-ubyte.gz is not the expected IDX file.*9999"):
+        load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path)))
+    _write_fashion(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-10])  # a cut-off gzip stream
+    with pytest.raises(DatasetNotFoundError, match="train-labels-idx1-ubyte.gz cannot be read"):
+        load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path)))
+    _write_fashion(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    import gzip
+    raw = bytearray(gzip.decompress(images.read_bytes()))
+    raw[3] = 0x01  # the magic number of a label file
+    images.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DatasetNotFoundError, match="magic 2049"):
+        load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path)))
+
+
+def test_fashion_mnist_real_files_installed_by_ci():
+    """The real data set from Debian's dataset-fashion-mnist (.ci/run installs it): the published
+    counts, all ten classes balanced, pixels spread over the 8-bit grid."""
+    from dard.data import FASHION_MNIST_DIR
+    from pathlib import Path
+
+    assert Path(FASHION_MNIST_DIR).is_dir(), (f"{FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist "
+                                              "(bash .ci/run does)")
+    splits = load_splits(DataConfig("fashion-mnist"))
+    assert (len(splits.train) + len(splits.val), len(splits.test)) == (60000, 10000)
+    assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
+    assert int(splits.test.images.max()) == 255 and 0.25 < float(splits.test.images.float().mean() / 255) < 0.32

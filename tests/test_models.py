@@ -19,6 +19,26 @@ def test_output_shape_and_size(name, channels, size, low, high):
     assert build(name, num_classes=100, in_channels=channels).eval()(torch.rand(1, channels, size, size)).shape == (1, 100)
 
 
+def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path):
+    from dard.config import Config, ConfigError
+    from dard.models import build_for, save_for
+
+    sizes = {}
+    for width in (0.25, 0.5, 1.0):
+        cfg = Config.for_dataset("digits", model={"width": width})
+        model = build_for(cfg.model, cfg.data)
+        sizes[width] = count_parameters(model)
+        path = save_for(tmp_path / f"w{width}.pt", model, cfg.model, cfg.data)
+        loaded, header = load_model(path)
+        assert count_parameters(loaded) == sizes[width]
+        assert header["arch_kwargs"] == ({} if width == 1.0 else {"width": width})  # width-1 files unchanged
+    assert 900 < sizes[0.25] < 1_200 and 3_500 < sizes[0.5] < 4_000 and sizes[1.0] == count_parameters(build("cnn_small", 10, 1))
+    with pytest.raises(ConfigError, match="model.width: scales the cnn_"):
+        Config.for_dataset("digits", model={"arch": "resnet18", "width": 0.5})
+    with pytest.raises(ConfigError, match=r"model.width: must be in \(0, 16\]"):
+        Config.for_dataset("digits", model={"width": 0.0})
+
+
 def test_registry_lists_all_and_rejects_unknown():
     assert {"cnn_small", "cnn_large", "resnet18", "mobilenetv2", "wideresnet", "wrn34_10", "wrn28_10"} <= set(available())
     with pytest.raises(ValueError, match="unknown architecture"):

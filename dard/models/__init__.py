@@ -26,4 +26,9 @@ def load_teacher_for(path, data_cfg, arch: str | None = None, *, data: bytes | N
 
 
 def arch_kwargs(model_cfg) -> dict:
-    return {"depth": model_cfg.depth, "widen_factor": model_cfg.widen_factor} if model_cfg.arch == "wideresnet" else {}
+    """The architecture's own knobs from the model config, as the model file records them."""
+    if model_cfg.arch == "wideresnet":
+        return {"depth": model_cfg.depth, "widen_factor": model_cfg.widen_factor}
+    if model_cfg.arch.startswith("cnn_") and model_cfg.width != 1.0:
+        return {"width": model_cfg.width}
+    return {}

@@ -1,8 +1,9 @@
-"""Small CNNs for the embedded digits (8x8 grey), also valid on 32x32 RGB.
+"""Small CNNs for the embedded digits (8x8 grey), also valid on 28x28 grey and 32x32 RGB.
 
 ``cnn_small`` (~14k parameters) is the digits student; ``cnn_medium`` (~114k) and ``cnn_large``
 (~0.5M parameters, ~25x the student's FLOPs on 8x8) are digits teachers
-(``benchmarks/results/teacher-digits.md``).
+(``benchmarks/results/teacher-digits.md``). ``width`` (``model.width``) scales every layer's
+channels (rounded, at least 1): cnn_small at width 0.25 has ~1k parameters, at 0.5 ~3.8k.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, widths: tuple[int, ...], strides: tuple[int, ...], num_classes: int, in_channels: int):
+    def __init__(self, widths: tuple[int, ...], strides: tuple[int, ...], num_classes: int, in_channels: int,
+                 width: float = 1.0):
         super().__init__()
+        widths = tuple(max(1, round(w * width)) for w in widths)
         self.normalize = default_normalize(in_channels)
         layers, c = [], in_channels
         for w, s in zip(widths, strides):
@@ -32,15 +35,15 @@ class SmallCNN(nn.Module):
 
 
 @register("cnn_small")
-def cnn_small(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
-    return SmallCNN((16, 32, 32), (1, 2, 1), num_classes, in_channels)
+def cnn_small(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+    return SmallCNN((16, 32, 32), (1, 2, 1), num_classes, in_channels, width)
 
 
 @register("cnn_medium")
-def cnn_medium(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
-    return SmallCNN((64, 64, 128), (1, 2, 1), num_classes, in_channels)
+def cnn_medium(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+    return SmallCNN((64, 64, 128), (1, 2, 1), num_classes, in_channels, width)
 
 
 @register("cnn_large")
-def cnn_large(num_classes: int = 10, in_channels: int = 1, **_) -> SmallCNN:
-    return SmallCNN((64, 128, 128, 256), (1, 2, 1, 2), num_classes, in_channels)
+def cnn_large(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+    return SmallCNN((64, 128, 128, 256), (1, 2, 1, 2), num_classes, in_channels, width)
