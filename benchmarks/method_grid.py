@@ -100,7 +100,7 @@ def _init_worker() -> None:
     logging.disable(logging.CRITICAL)
 
 
-def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool) -> tuple[dict, list]:
+def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool, limit: int | None = None) -> tuple[dict, list]:
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
     from dard.evaluate import EvalSettings, evaluate_model
@@ -110,7 +110,7 @@ def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool) -> tuple[
     model = model.to(resolve_device(cfg.run.device))
     splits = load_splits(cfg.data)
     settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size,
-                            attacks=REPORTED if not sanity else EvalSettings.attacks, autoattack_limit=aa_limit,
+                            attacks=REPORTED if not sanity else EvalSettings.attacks, limit=limit, autoattack_limit=aa_limit,
                             num_classes=cfg.data.num_classes, eps_curve=False, sanity_checks=sanity, seed=seed)
     report = evaluate_model(model, to_float(splits.test.images), splits.test.labels, settings, progress=False)
     return report.accuracy, [c.__dict__ for c in report.checks]
@@ -139,7 +139,8 @@ def run_job(job: dict) -> dict:
                          on_epoch_end=stop_if_late)
         history = [json.loads(line) for line in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]
         train_s = time.time() - started
-        accuracy, checks = _evaluate(result["model_path"], cfg, job["aa_limit"], cfg.run.seed, job.get("sanity", False))
+        accuracy, checks = _evaluate(result["model_path"], cfg, job["aa_limit"], cfg.run.seed, job.get("sanity", False),
+                                     job.get("test_limit"))
         return {**job, "ok": True, "accuracy": accuracy, "checks": checks, "model_path": result["model_path"],
                 "val": {k: v for k, v in history[-1].items() if k.startswith("val_")},
                 "train_seconds": round(train_s, 1), "train_step_seconds": round(sum(h["train_seconds"] for h in history), 1),
