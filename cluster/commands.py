@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "SAT baseline, attack suite, MLflow, registry")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits",
-                   help="fashion-mnist: a 6k-image subset, cnn_small teacher (about N min on 2 CPUs)")
+                   help="fashion-mnist: a 6k-image subset, cnn_small teacher (about 6 min on 2 CPUs)")
     p.add_argument("--data-dir", help="fashion-mnist: the IDX files' folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by the tests)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")

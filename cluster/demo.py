@@ -2,8 +2,8 @@
 
 Stages (each reused on a re-run unless ``--fresh``; each shows progress):
 1. a robust teacher (the dataset's recipe in ``dard.config.TEACHER_DEFAULTS`` within the demo's
-   budget: on digits cnn_medium for 15 epochs; ``DATASET_BUDGETS`` for others), cached by recipe in ``~/.cache/dard/teachers`` (``DARD_CACHE``)
-   and verified by sha256 before reuse
+   budget: on digits cnn_medium for 15 epochs; ``DATASET_BUDGETS`` for others), cached by recipe
+   in ``~/.cache/dard/teachers`` (``DARD_CACHE``) and verified by sha256 before reuse
 2. teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)
 3. the DARD student with Ray Train, 2 DDP workers, from the shards
 4. a SAT student, same architecture, epochs, workers and data (the baseline at equal budget)

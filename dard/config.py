@@ -222,6 +222,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "trades"},
                "optim": {"epochs": 80, "lr": 0.1, "lr_schedule": "onecycle"}},
+    # width 1 explicitly: the dataset's student defaults (merged below this) are cnn_small at width 0.25
     "fashion-mnist": {"model": {"arch": "cnn_small", "width": 1.0}, "loss": {"method": "sat"},
                       "optim": {"epochs": 15, "lr": 0.1, "lr_schedule": "onecycle"}},
     "cifar10": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
@@ -264,7 +265,7 @@ def validate(cfg: Config) -> None:
     need(m.widen_factor >= 1, "model.widen_factor", f"must be >= 1, got {m.widen_factor}")
     need(0 < m.width <= 16, "model.width", f"must be in (0, 16], got {m.width}")
     need(m.width == 1.0 or m.arch.startswith("cnn_"), "model.width",
-         f"scales the cnn_* models only; {m.arch} has its own size knobs")
+         f"{m.width} scales the cnn_* models only; with {m.arch} set model.width: 1 (--set model.width=1)")
     need(_finite(a.eps) and 0 <= a.eps <= 1, "attack.eps", f"must be in [0, 1] (pixel scale, e.g. 8/255), got {a.eps}")
     need(_finite(a.step_size) and a.step_size > 0, "attack.step_size", f"must be > 0, got {a.step_size}")
     need(a.step_size <= a.eps or a.eps == 0, "attack.step_size", f"step {a.step_size:.5g} exceeds eps {a.eps:.5g}")

@@ -8,11 +8,10 @@ Model inputs are ``float32`` in [0, 1].
 """
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-import gzip
 
 import numpy as np
 import torch

@@ -33,7 +33,7 @@ def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path
         assert count_parameters(loaded) == sizes[width]
         assert header["arch_kwargs"] == ({} if width == 1.0 else {"width": width})  # width-1 files unchanged
     assert 900 < sizes[0.25] < 1_200 and 3_500 < sizes[0.5] < 4_000 and sizes[1.0] == count_parameters(build("cnn_small", 10, 1))
-    with pytest.raises(ConfigError, match="model.width: scales the cnn_"):
+    with pytest.raises(ConfigError, match=r"model.width: 0.5 scales the cnn_\* models only; with resnet18 set model.width: 1"):
         Config.for_dataset("digits", model={"arch": "resnet18", "width": 0.5})
     with pytest.raises(ConfigError, match=r"model.width: must be in \(0, 16\]"):
         Config.for_dataset("digits", model={"width": 0.0})
