@@ -293,29 +293,16 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def plot(path: Path, summary: list[dict], teacher: dict, title: str) -> None:
     """AutoAttack accuracy vs student parameters (log scale), one line per arm, mean ± std over seeds."""
-    import matplotlib
+    from benchmarks.plots import lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
+    series = {}
     for arm in dict.fromkeys(s["arm"] for s in summary if ARMS[s["arm"]][0] == "student"):
         pts = sorted((s["params"], s["accuracy"]["autoattack"]) for s in summary if s["arm"] == arm)
-        xs = [p for p, _ in pts]
-        means = [100 * statistics.mean(v) for _, v in pts]
-        stds = [100 * statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
-    if teacher:
-        ax.axhline(100 * teacher["accuracy"]["autoattack"], color="k", ls="--", label=f"teacher ({teacher['arch']})")
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters")
-    ax.set_ylabel("test AutoAttack accuracy %")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        series[arm] = ([p for p, _ in pts], [100 * statistics.mean(v) for _, v in pts],
+                       [100 * statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts])
+    hline = (f"teacher ({teacher['arch']})", 100 * teacher["accuracy"]["autoattack"]) if teacher else None
+    lines(path, series, hline=hline, xlabel="student parameters", ylabel="test AutoAttack accuracy %", title=title,
+          logx=True)
 
 
 if __name__ == "__main__":
