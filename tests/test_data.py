@@ -87,7 +87,7 @@ def _write_idx(path, magic, array, gz):
 
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(data) if gz else data)
+    path.write_bytes(gzip.compress(data, compresslevel=1) if gz else data)  # level 1: the test writes 47 MB
 
 
 def _write_fashion(folder, n_train=60000, n_test=10000, gz=True, seed=0):
@@ -134,7 +134,7 @@ def test_fashion_mnist_wrong_files_are_refused_by_name(tmp_path):
     import gzip
     raw = bytearray(gzip.decompress(images.read_bytes()))
     raw[3] = 0x01  # the magic number of a label file
-    images.write_bytes(gzip.compress(bytes(raw)))
+    images.write_bytes(gzip.compress(bytes(raw), compresslevel=1))
     with pytest.raises(DatasetNotFoundError, match="magic 2049"):
         load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path)))
 
