@@ -207,7 +207,7 @@ def main() -> int:
 def write(args, runs: list[dict], teacher: dict, vary_key, t0: float, out: Path, final: bool) -> None:
     import torch
 
-    from dard.config import Config
+    from dard.config import Config, teacher_config
     from dard.models import build_for, count_parameters
 
     ok = [r for r in runs if r["ok"]]
@@ -235,11 +235,8 @@ def write(args, runs: list[dict], teacher: dict, vary_key, t0: float, out: Path,
     for key, lr in selected.items():
         arm, width, value = json.loads(key)
         rows = [r for r in ok if r["point"] == [arm, width, value] and r["lr"] == lr]
-        kind, over = ARMS[arm]
-        cfg = Config.for_dataset(args.dataset, **deep_merge(rows[0]["raw"], {"run": {"out_dir": "x"}}))
-        if kind == "teacher":
-            from dard.config import teacher_config
-            cfg = teacher_config(args.dataset, **rows[0]["raw"])
+        # the run's own config (a teacher's starts from the teacher recipe, as run_job builds it)
+        cfg = (teacher_config if ARMS[arm][0] == "teacher" else Config.for_dataset)(args.dataset, **rows[0]["raw"])
         params = count_parameters(build_for(cfg.model, cfg.data))
         val = [r["val"]["val_robust_acc"] for r in rows if r["phase"] == "grid"]
         acc = {a: [r["accuracy"][a] for r in rows] for a in REPORTED}
