@@ -103,15 +103,15 @@ def _init_worker() -> None:
 def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool, limit: int | None = None) -> tuple[dict, list]:
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
+    from dard.attacks.registry import PROTOCOL
     from dard.evaluate import EvalSettings, evaluate_model
     from dard.models import load_model
 
     model, _ = load_model(model_path)
     model = model.to(resolve_device(cfg.run.device))
     splits = load_splits(cfg.data)
-    settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size,
-                            attacks=REPORTED if not sanity else EvalSettings.attacks, limit=limit, autoattack_limit=aa_limit,
-                            num_classes=cfg.data.num_classes, eps_curve=False, sanity_checks=sanity, seed=seed)
+    settings = EvalSettings.for_config(cfg, attacks=REPORTED if not sanity else PROTOCOL, limit=limit,
+                                       autoattack_limit=aa_limit, eps_curve=False, sanity_checks=sanity, seed=seed)
     report = evaluate_model(model, to_float(splits.test.images), splits.test.labels, settings, progress=False)
     return report.accuracy, [c.__dict__ for c in report.checks]
 
@@ -119,7 +119,7 @@ def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool, limit: in
 def run_job(job: dict) -> dict:
     """Train one model (teacher or student) and evaluate it on the test split; never raises."""
     from dard.config import Config, teacher_config
-    from dard.training import fit, open_shards, shard_batches
+    from dard.training import fit
 
     started = time.time()
     try:
@@ -132,11 +132,7 @@ def run_job(job: dict) -> dict:
             result = fit(cfg, on_epoch_end=stop_if_late)
         else:
             cfg = Config.for_dataset(job["dataset"], **job["raw"])
-            source, steps = None, None
-            if job.get("shards"):
-                source, steps = shard_batches(open_shards(job["shards"], cfg, check="fast"), cfg)
-            result = fit(cfg, batch_source=source, batches_per_epoch=steps, teacher_path=job.get("teacher"),
-                         on_epoch_end=stop_if_late)
+            result = fit(cfg, shards=job.get("shards"), teacher_path=job.get("teacher"), on_epoch_end=stop_if_late)
         history = [json.loads(line) for line in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]
         train_s = time.time() - started
         accuracy, checks = _evaluate(result["model_path"], cfg, job["aa_limit"], cfg.run.seed, job.get("sanity", False),

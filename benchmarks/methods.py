@@ -35,7 +35,7 @@ from dard.config import Config, deep_merge, teacher_config  # noqa: E402
 from dard.data import load_splits, to_float  # noqa: E402
 from dard.evaluate import EvalSettings, evaluate_model  # noqa: E402
 from dard.models import load_model  # noqa: E402
-from dard.training import fit, open_shards, shard_batches  # noqa: E402
+from dard.training import fit  # noqa: E402
 
 # name -> (method, overrides, tuning preset whose best parameters --tuned applies first). Ablations
 # change one knob of DARD's default each.
@@ -90,7 +90,7 @@ def main() -> int:
     base = Config.for_dataset(args.dataset, data={"data_dir": args.data_dir}, optim={"epochs": args.epochs},
                               run={"progress": False})
     if args.student:
-        base.model.arch = args.student
+        base = base.updated(model={"arch": args.student, "kwargs": {}})
     started = time.time()
 
     teacher = args.teacher
@@ -99,8 +99,8 @@ def main() -> int:
         if not Path(teacher).exists():
             tcfg = teacher_config(args.dataset, data={"data_dir": args.data_dir},
                                   run={"out_dir": str(work / "teacher"), "progress": False})
-            tcfg.model.arch = args.teacher_arch or tcfg.model.arch
-            tcfg.optim.epochs = args.teacher_epochs or tcfg.optim.epochs
+            tcfg = tcfg.updated(model={"arch": args.teacher_arch or tcfg.model.arch},
+                                optim={"epochs": args.teacher_epochs or tcfg.optim.epochs})
             logging.info("training the teacher (%s %s, %d epochs)", tcfg.loss.method, tcfg.model.arch, tcfg.optim.epochs)
             fit(tcfg, resume=True)
 
@@ -135,15 +135,12 @@ def main() -> int:
             raw = deep_merge(start.to_dict(), deep_merge(over, {"loss": {"method": method}, "run": {
                 "seed": seed, "out_dir": str(work / f"{slug(name)}-s{seed}")}}))
             cfg = Config.for_dataset(args.dataset, **raw)
-            reader = open_shards(shards_for(cfg), cfg, check="fast")
-            source, steps = shard_batches(reader, cfg)
             t0 = time.time()
-            result = fit(cfg, batch_source=source, batches_per_epoch=steps, teacher_path=teacher)
+            result = fit(cfg, shards=shards_for(cfg), teacher_path=teacher)
             train_s = time.time() - t0
             model, _ = load_model(result["model_path"])
-            settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, seed=seed,
-                                    autoattack_limit=args.aa_limit, num_classes=cfg.data.num_classes,
-                                    eps_curve=False, sanity_checks=seed == 0)
+            settings = EvalSettings.for_config(cfg, seed=seed, autoattack_limit=args.aa_limit, eps_curve=False,
+                                               sanity_checks=seed == 0)
             report = evaluate_model(model, x_test, y_test, settings, progress=False)
             history = [json.loads(l) for l in Path(cfg.run.out_dir, "history.jsonl").read_text().splitlines()]
             run = {"variant": name, "seed": seed, "accuracy": report.accuracy, "train_seconds": train_s,

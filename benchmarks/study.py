@@ -6,7 +6,7 @@ the dimensions a question needs, in a process pool without Ray or MLflow:
 
 - ``--arms``: training recipes from ``ARMS`` (students: SAT, TRADES, DARD on a SAT or a TRADES
   backbone, ARD, RSLAD; teachers: ``T-...``);
-- ``--widths``: ``model.width`` of the cnn_* students (capacity);
+- ``--widths``: ``model.kwargs.width`` of the cnn_* students (capacity);
 - ``--vary section.key=v1,v2``: one setting with several values (``data.crop_padding=0,1``);
 - ``--set section.key=v``: fixed overrides for every run.
 
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--name", required=True, help="results file stem, e.g. capacity-digits")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--arms", required=True, help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--widths", default="1", help="model.width values (cnn_* only)")
+    p.add_argument("--widths", default="1", help="model.kwargs.width values (cnn_* only)")
     p.add_argument("--lrs", default="0.05,0.1,0.2,0.4,0.8", help="the lr grid at seed 0")
     p.add_argument("--vary", help="section.key=v1,v2: one setting varied as a dimension of the study")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run (repeat)")
@@ -139,7 +139,7 @@ def main() -> int:
     def point_raw(arm: str, width: float, value) -> dict:
         raw = deep_merge(ARMS[arm][1], fixed)
         if ARMS[arm][0] == "student":
-            raw = deep_merge(raw, {"model": {"width": width}})
+            raw = deep_merge(raw, {"model": {"kwargs": {"width": width}}})
         return deep_merge(raw, nested(vary_key, value)) if vary_key else raw
 
     def submit(arm: str, width: float, value, lr: float, seed: int, phase: str) -> None:

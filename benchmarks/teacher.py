@@ -67,9 +67,8 @@ def main() -> int:
         train_s = sum(h["train_seconds"] for h in history)  # training steps only, summed over epochs
         model, _ = load_model(result["model_path"])
         splits = load_splits(cfg.data)
-        settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.step_size, attacks=REPORTED,
-                                autoattack_limit=None, num_classes=cfg.data.num_classes, eps_curve=False,
-                                sanity_checks=False)
+        settings = EvalSettings.for_config(cfg, attacks=REPORTED, autoattack_limit=None, eps_curve=False,
+                                           sanity_checks=False)
         t1 = time.time()
         report = evaluate_model(model, to_float(splits.test.images), splits.test.labels, settings, progress=False)
         params = sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     if args.run_dir:
-        cfg.run.out_dir = args.run_dir
+        cfg = cfg.updated(run={"out_dir": args.run_dir})
     to_file(cfg.run.out_dir)
     tracking = None
     logger = None

@@ -106,7 +106,7 @@ def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
         if file_sha256(model) == record.read_text().strip():
             return model, f"reused {model} (sha256 verified)"
         log.warning("cached teacher %s does not match its sha256; training it again", model)
-    cfg.run.out_dir = str(folder)
+    cfg = cfg.updated(run={"out_dir": str(folder)})
     fit(cfg, resume=not fresh)  # an interrupted demo continues the teacher from its checkpoint
     record.write_text(file_sha256(model) + "\n")
     return model, f"trained {model}"
@@ -193,8 +193,7 @@ def run_demo(s: DemoSettings) -> dict:
     reports, reused = {}, []
     for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
         attacks = PROTOCOL if name != "teacher" or s.teacher_aa else tuple(a for a in PROTOCOL if a != AUTOATTACK)
-        settings = EvalSettings(eps=student_cfg.attack.eps, step_size=student_cfg.attack.step_size, attacks=attacks,
-                                limit=s.eval_limit, autoattack_limit=s.aa_limit, num_classes=student_cfg.data.num_classes)
+        settings = EvalSettings.for_config(student_cfg, attacks=attacks, limit=s.eval_limit, autoattack_limit=s.aa_limit)
         sha256 = file_sha256(path)
         previous = _previous_report(out / "reports", name.lower(), sha256, settings)
         if previous is not None:

@@ -1,8 +1,9 @@
 """Ray Train: DistributedDataParallel student training from shards (docs/design.md §5).
 
 ``train_distributed`` is the driver (``dard train``, ``cluster.jobs.train``); ``train_loop_per_worker``
-runs the one epoch loop, ``dard.engine.run_epochs``, plus three Ray calls (``prepare_model``,
-``report`` as its epoch callback, ``get_checkpoint``).
+is the shape of Ray's own examples: ``dard.training.prepare`` (the run assembly ``fit`` uses),
+``prepare_model``, ``get_checkpoint`` -> ``Run.resume``, ``Run.epochs`` with ``report`` as its
+epoch callback.
 
 Batch size: ``optim.batch_size`` is global and split evenly over workers, so the optimisation is
 the same as one process with that batch and no learning-rate scaling is needed. Changing the
@@ -23,14 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dard.checkpoint import checkpoint_state, load_checkpoint, restore, save_checkpoint
+from dard.checkpoint import load_checkpoint, save_checkpoint
 from dard.config import Config, from_dict, to_dict
-from dard.data import load_splits
-from dard.engine import epoch_line, place_model, run_epochs
-from dard.seeding import seed_everything
+from dard.engine import epoch_line
 from dard.models import build_for, save_for
-from dard.training import (make_optimizer, make_scheduler, online_teacher_for, open_shards, shard_batches,
-                           with_online_teacher)
+from dard.training import open_shards, prepare
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -51,57 +49,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.run.seed)  # initial weights as in `fit` (DDP broadcasts rank 0's anyway)
-    device = ray.train.torch.get_device()
-    model = place_model(build_for(cfg.model, cfg.data), device)
-    model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    if cfg.optim.batch_size % world:
-        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} workers")
-    reader = open_shards(config["shards"], cfg, check="fast")  # the driver already verified checksums
-    source, steps = shard_batches(reader, cfg, rank, world, cfg.optim.batch_size // world)
-    if steps == 0:
-        raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")
-    shard_teacher = reader.manifest["teacher"]
-    online_teacher = online_teacher_for(cfg, config.get("teacher_path") or shard_teacher.get("path"), device,
-                                        expected_sha256=shard_teacher.get("sha256"))
-    batches = with_online_teacher(source, online_teacher)
-
-    start_epoch, history = 0, []
+    # the driver already verified the shards' checksums: "fast" checks the manifest and sizes
+    run = prepare(cfg, teacher_path=config.get("teacher_path"), shards=config["shards"], rank=rank,
+                  world_size=world, device=ray.train.torch.get_device(), check="fast")
+    run.model = ray.train.torch.prepare_model(run.model)  # wraps in DDP when world > 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        start_epoch = restore(state, model, optimizer, scheduler)
-        history = list(state.get("history", []))
+            run.resume(load_checkpoint(Path(d) / CHECKPOINT_FILE), f"the Ray Train checkpoint {checkpoint.path}")
     tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
 
     def report(epoch: int, metrics: dict, history: list) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                state = checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
-                                         {"shards": reader.manifest.get("fingerprint"),
-                                          "teacher": reader.manifest["teacher"]})
-                save_checkpoint(Path(d) / CHECKPOINT_FILE, state)  # refuses NaN weights
+                save_checkpoint(Path(d) / CHECKPOINT_FILE, run.checkpoint(epoch, history))  # refuses NaN weights
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
                 print(f"[dard] {epoch_line(cfg, metrics)}", flush=True)
             ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
 
     hook: Callable | None = config.get("step_hook")
-    run_epochs(model, optimizer, scheduler, cfg, batches, device=device, steps=steps, start_epoch=start_epoch,
-               history=history, val=load_splits(cfg.data).val if rank == 0 else None, rank=rank,
-               extra_metrics={"world_size": world, "nodes": _nodes(world)}, on_epoch_end=report,
+    run.epochs(report, rank=rank, extra_metrics={"world_size": world, "nodes": _nodes(world)},
                on_step=None if hook is None else
-               (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=steps, model=model)))
-    if checkpoint and start_epoch >= cfg.optim.epochs and history:
+               (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
+                                         model=run.model)))
+    if checkpoint and run.start_epoch >= cfg.optim.epochs and run.history:
         # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
         # its result): report that epoch again, or Tune would see the trial end with no result.
         if rank == 0:
-            tracker.log(history[-1], start_epoch - 1)
-        ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)
+            tracker.log(run.history[-1], run.start_epoch - 1)
+        ray.train.report(run.history[-1], checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
 
 
@@ -165,7 +143,6 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
 
-    cfg.validate()
     open_shards(shards, cfg, teacher_path, check="full")  # fail on the driver, before any worker starts
     ensure_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -208,8 +185,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     model.load_state_dict(state["model"])
     out_path = Path(out) if out else Path(cfg.run.out_dir) / "model.pt"
     meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": state["history"][-1],
-            "teacher": state["extra"].get("teacher"), "shards": {"directory": shards_abs,
-                                                                 "fingerprint": state["extra"].get("shards")},
+            "teacher": state["extra"].get("teacher"), "shards": state["extra"].get("shards"),
             "distributed": {"workers": workers, "use_gpu": use_gpu, "seconds": time.time() - started}}
     save_for(out_path, model, cfg.model, cfg.data, meta)
     return DistributedResult(metrics=state["history"][-1], checkpoint_dir=str(checkpoint_dir), model_path=str(out_path),

@@ -77,6 +77,8 @@ def build_config(args: argparse.Namespace) -> Config:
         ("loss", "divergence"): args.divergence, ("attack", "dpgd_loss"): args.dpgd_loss,
         ("attack", "dpgd_schedule"): args.dpgd_schedule, ("run", "seed"): args.seed, ("run", "device"): args.device,
     }
+    if args.arch is not None and args.arch != raw["model"]["arch"]:
+        raw["model"]["kwargs"] = {}  # the default architecture's knobs mean nothing to another one
     for (section, key), value in flags.items():
         if value is not None:
             raw[section][key] = value
@@ -88,10 +90,15 @@ def build_config(args: argparse.Namespace) -> Config:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. loss.w_adv=0.5")
         dotted, value = item.split("=", 1)
-        section, key = dotted.split(".", 1)
+        section, *path = dotted.split(".")
         if section not in raw:
             raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: {sorted(raw)}")
-        raw[section][key] = yaml.safe_load(value)
+        target = raw[section]
+        for key in path[:-1]:  # model.kwargs.width=0.5
+            if not isinstance(target.get(key), dict):
+                raise ConfigError(f"--set {item!r}: {section}.{key} is not a mapping")
+            target = target[key]
+        target[path[-1]] = yaml.safe_load(value)
     from dard.config import from_dict
 
     return from_dict(raw)
@@ -106,30 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dard.engine import validation_summary
     from dard.training import fit
 
-    cfg = build_config(args)
     out = Path(args.out)
-    cfg.run.out_dir = str(_run_dir(out, args.run_dir))
+    cfg = build_config(args).updated(run={"out_dir": str(_run_dir(out, args.run_dir))})
     logs.to_file(cfg.run.out_dir)  # library chatter and warnings: <run dir>/dard.log
-    teacher = getattr(args, "teacher", None)
-    source, steps, meta = None, None, None
-    if getattr(args, "shards", None):
-        from dard.training import open_shards, shard_batches
-
-        reader = open_shards(args.shards, cfg, teacher)
-        source, steps = shard_batches(reader, cfg)
-        meta = {"shards": {"directory": args.shards, "fingerprint": reader.manifest.get("fingerprint"),
-                           "teacher": reader.manifest["teacher"]}}
-        # Everything the teacher contributes comes from the shards, except an online teacher
-        # (rob_target teacher_adv): the shards' own teacher file unless --teacher names one, checked by sha256.
-        from dard.losses import needs_online_teacher
-
-        if needs_online_teacher(cfg.loss):
-            teacher = teacher or reader.manifest["teacher"].get("path")
-            open_shards(args.shards, cfg, teacher, check="none")
-        else:
-            teacher = None
-    result = fit(cfg, teacher_path=teacher, teacher_arch=getattr(args, "teacher_arch", None), resume=args.resume,
-                 batch_source=source, batches_per_epoch=steps, extra_meta=meta)
+    result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
+                 shards=getattr(args, "shards", None), resume=args.resume)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["model_path"], out)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: {validation_summary(cfg, result)}")
@@ -141,10 +129,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dard.config import Config as _Config
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
-    from dard.attacks.registry import PROTOCOL, check_names
+    from dard.attacks.registry import PROTOCOL
     from dard.evaluate import EvalSettings, evaluate_model
-    from dard.report import write_report
     from dard.registry import load_reference
+    from dard.report import provenance, write_report
 
     model, header = load_reference(args.model, args.tracking_uri)
     dataset = header["dataset"]
@@ -155,16 +143,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         cfg = from_dict(saved)
     if args.data_dir:
-        cfg.data.data_dir = args.data_dir
+        cfg = cfg.updated(data={"data_dir": args.data_dir})
     device = resolve_device(args.device or "auto")
     model = model.to(device)
     split = getattr(load_splits(cfg.data), args.split)
-    attacks = tuple(args.attacks.split(",")) if args.attacks else PROTOCOL
-    check_names(attacks, what="--attacks")
-    settings = EvalSettings(eps=args.eps if args.eps is not None else cfg.attack.eps,
-                            step_size=args.step_size if args.step_size is not None else cfg.attack.step_size,
-                            attacks=attacks, limit=args.limit, autoattack_limit=args.aa_limit,
-                            seed=args.seed, num_classes=cfg.data.num_classes, sanity_checks=not args.no_checks)
+    settings = EvalSettings.for_config(cfg, eps=args.eps, step_size=args.step_size, limit=args.limit,
+                                       attacks=tuple(args.attacks.split(",")) if args.attacks else PROTOCOL,
+                                       autoattack_limit=args.aa_limit, seed=args.seed, sanity_checks=not args.no_checks)
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif args.model.startswith("models:/"):
@@ -174,7 +159,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     logs.to_file(out_dir)
     report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
     report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
-                   "method": (header.get("meta") or {}).get("method")}
+                   "method": (header.get("meta") or {}).get("method"), "provenance": provenance(header)}
     paths = write_report(report, out_dir)
     print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
     print(report.table())

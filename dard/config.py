@@ -9,34 +9,124 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 # Each dataset's facts: (classes, image shape (C, H, W)); read them through DataConfig.
 DATASET_FACTS = {"digits": (10, (1, 8, 8)), "fashion-mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
                  "cifar100": (100, (3, 32, 32))}
-DATASETS = tuple(DATASET_FACTS)
-TEACHER_METHODS = ("natural", "sat", "trades")
-DISTILL_METHODS = ("dard", "ard", "rslad")
-METHODS = TEACHER_METHODS + DISTILL_METHODS
-DIVERGENCES = ("kl", "dice")
-DPGD_LOSSES = ("dice", "ce", "dice+ce", "cw")
-STEP_SCHEDULES = ("constant", "cosine", "apgd")
+# The choices, as types: fields declare them, the checker, argparse and the search space read them.
+Dataset = Literal["digits", "fashion-mnist", "cifar10", "cifar100"]
+Method = Literal["natural", "sat", "trades", "dard", "ard", "rslad"]
+Divergence = Literal["kl", "dice"]
+DpgdLoss = Literal["dice", "ce", "dice+ce", "cw"]
+StepSchedule = Literal["constant", "cosine", "apgd"]
+LrSchedule = Literal["multistep", "cosine", "onecycle", "constant"]
+RobTarget = Literal["teacher_nat", "self", "teacher_adv", "label"]
+DATASETS, METHODS, DIVERGENCES = get_args(Dataset), get_args(Method), get_args(Divergence)
+DPGD_LOSSES, STEP_SCHEDULES = get_args(DpgdLoss), get_args(StepSchedule)
+LR_SCHEDULES, ROB_TARGETS = get_args(LrSchedule), get_args(RobTarget)
+TEACHER_METHODS = METHODS[:3]
+DISTILL_METHODS = METHODS[3:]
 # The evaluation protocol's attacks, in report order (here, without torch, for the CLI's help);
 # their functions are dard.attacks.registry.ATTACKS, which checks that it has exactly these.
-EVAL_ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "autoattack")
-LR_SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
-ROB_TARGETS = ("teacher_nat", "self", "teacher_adv", "label")
+EVAL_ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "square", "autoattack")
+
+
+def unknown(value: Any, choices, what: str = "") -> str:
+    """The one wording of a value that is not among ``choices``."""
+    return f"unknown {what + ' ' if what else ''}{value!r} (choose from {', '.join(map(str, choices))})"
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+    """An invalid configuration; the message names every invalid field (``section.key: why``)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Range:
+    """A numeric bound, declared on a field as ``Annotated[float, Range(0, 1)]``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, v: float) -> str | None:
+        too_low = self.low is not None and (v <= self.low if self.low_open else v < self.low)
+        too_high = self.high is not None and (v >= self.high if self.high_open else v > self.high)
+        if not (too_low or too_high):
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}, got {v:g}"
+        return (f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+                f", got {v:g}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Marks a field naming a registered model (``dard models``); the registry is read when checked."""
+
+    def problem(self, v: str) -> str | None:
+        from dard.models import available  # local: models import config-free code only
+
+        return None if v in available() else unknown(v, available(), "architecture")
+
+
+Positive = Annotated[float, Range(0, low_open=True)]
+NonNegative = Annotated[float, Range(0)]
+Fraction01 = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+Count = Annotated[int, Range(1)]
+
+
+def check_value(name: str, value: Any, hint: Any) -> tuple[Any, list[str]]:
+    """``value`` checked against the type ``hint`` (Literal, Annotated with :class:`Range`, Optional,
+    ``tuple[X, ...]``, ``dict``, bool, int, float, str); returns (the value as the field holds it --
+    YAML lists as tuples, ints as floats where floats are declared --, problems as ``name: why``)."""
+    bounds = []
+    if get_origin(hint) is Annotated:
+        hint, *bounds = get_args(hint)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, []
+        (hint,) = [a for a in args if a is not type(None)]
+        return check_value(name, value, Annotated[(hint, *bounds)] if bounds else hint)
+    if origin is Literal:
+        return value, [] if value in args else [f"{name}: {unknown(value, args)}"]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return value, [f"{name}: expected a list, got {value!r}"]
+        checked = [check_value(f"{name}[{i}]", v, Annotated[(args[0], *bounds)] if bounds else args[0])
+                   for i, v in enumerate(value)]
+        return tuple(v for v, _ in checked), [p for _, ps in checked for p in ps]
+    if origin is dict or hint is dict:
+        return value, [] if isinstance(value, dict) else [f"{name}: expected a mapping, got {value!r}"]
+    if hint is bool:
+        return value, [] if isinstance(value, bool) else [f"{name}: expected true/false, got {value!r}"]
+    if hint is str:
+        if not isinstance(value, str):
+            return value, [f"{name}: expected a string, got {value!r}"]
+        return value, [f"{name}: {p}" for p in (b.problem(value) for b in bounds) if p]
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and not isinstance(value, int)):
+            return value, [f"{name}: expected {'an integer' if hint is int else 'a number'}, got {value!r}"]
+        if not math.isfinite(value):
+            return value, [f"{name}: must be a finite number, got {value}"]
+        value = float(value) if hint is float else value
+        return value, [f"{name}: {p}" for p in (r.problem(value) for r in bounds) if p]
+    raise TypeError(f"{name}: no rule for type {hint!r}")  # a field declared with a type this checker lacks
+
+
+def field_hints(section_cls: type) -> dict[str, Any]:
+    """A section's field types, ``Annotated`` bounds kept."""
+    return get_type_hints(section_cls, include_extras=True)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Dataset, split and augmentation.
 
@@ -44,43 +134,38 @@ class DataConfig:
     horizontal flip); the shard format records the drawn parameters per view.
     """
 
-    dataset: str = "digits"
+    dataset: Dataset = "digits"
     # CIFAR: folder holding cifar-10-batches-py / cifar-100-python; Fashion-MNIST: the IDX files'
     # folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)
     data_dir: str | None = None
     split_seed: int = 0  # fixes the train/val/test partition (digits) and train/val (others)
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2  # digits only: CIFAR has its own test split
-    crop_padding: int = 4
+    val_fraction: Fraction01 = 0.1  # validation is what selection and the registry use
+    test_fraction: Fraction01 = 0.2  # digits only: CIFAR has its own test split
+    crop_padding: Annotated[int, Range(0)] = 4
     flip: bool = True
-    limit_train: int | None = None  # use only the first N training samples (smoke tests)
+    limit_train: Count | None = None  # use only the first N training samples (smoke tests)
 
     @property
     def num_classes(self) -> int:
-        return self._facts()[0]
+        return DATASET_FACTS[self.dataset][0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
-        return self._facts()[1]
-
-    def _facts(self) -> tuple[int, tuple[int, int, int]]:
-        if self.dataset not in DATASET_FACTS:
-            raise ConfigError(f"data.dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        return DATASET_FACTS[self.dataset]
+        return DATASET_FACTS[self.dataset][1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """Architecture by registry name (see ``dard.models.available()``)."""
+    """Architecture by registry name (``dard models``) and its own knobs, as timm's ``**kwargs``:
+    ``width`` for cnn_* (channel multiplier; cnn_small at 0.25 ~ 1k parameters), ``depth`` and
+    ``widen_factor`` for wideresnet. Each architecture checks its knobs (``dard.models.registry``)."""
 
-    arch: str = "resnet18"
-    depth: int = 34  # wideresnet only
-    widen_factor: int = 10  # wideresnet only
-    width: float = 1.0  # cnn_small/medium/large only: channel multiplier (cnn_small 0.25 ~ 1k parameters)
+    arch: Annotated[str, Architecture()] = "resnet18"
+    kwargs: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackConfig:
     """The training-time inner attack (L-inf), pixels in [0, 1].
 
@@ -88,17 +173,17 @@ class AttackConfig:
     calls for DPGD (DARD's inner maximisation and the teacher's DPGD views).
     """
 
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
+    eps: Annotated[float, Range(0, 1)] = 8 / 255  # pixel scale, e.g. 8/255
+    step_size: Positive = 2 / 255
+    steps: Count = 10
     random_start: bool = True
-    dpgd_loss: str = "dice"  # dice | ce | dice+ce | cw
-    dpgd_schedule: str = "constant"  # constant | cosine | apgd
-    dpgd_channel_mask: tuple[int, ...] = ()  # input channels whose gradient is zeroed
+    dpgd_loss: DpgdLoss = "dice"
+    dpgd_schedule: StepSchedule = "constant"
+    dpgd_channel_mask: tuple[Annotated[int, Range(0)], ...] = ()  # input channels whose gradient is zeroed
     dpgd_segpgd_weighting: bool = False  # SegPGD correct/fooled weights; a no-op under sign steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """Training objective and its weights (docs/design.md §3).
 
@@ -112,52 +197,53 @@ class LossConfig:
     ``trades_beta`` is TRADES' beta; ``ard_alpha`` ARD's alpha.
     """
 
-    method: str = "dard"
-    temperature: float = 1.0
-    w_adv: float = 1 / 3
-    w_rob: float = 1 / 2
-    w_nat: float = 1 / 6
-    w_ce: float = 0.0
-    w_ce_adv: float = 0.0  # hard-label CE on the student's own adversarial example x_s
-    rob_target: str = "teacher_nat"  # teacher_nat | self | teacher_adv | label
-    divergence: str = "kl"
-    trades_beta: float = 6.0
-    ard_alpha: float = 1.0
-    ard_temperature: float = 30.0
+    method: Method = "dard"
+    temperature: Positive = 1.0
+    w_adv: NonNegative = 1 / 3
+    w_rob: NonNegative = 1 / 2
+    w_nat: NonNegative = 1 / 6
+    w_ce: NonNegative = 0.0
+    w_ce_adv: NonNegative = 0.0  # hard-label CE on the student's own adversarial example x_s
+    rob_target: RobTarget = "teacher_nat"
+    divergence: Divergence = "kl"
+    trades_beta: NonNegative = 6.0
+    ard_alpha: Annotated[float, Range(0, 1)] = 1.0
+    ard_temperature: Positive = 30.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """SGD as in the paper's peers (RSLAD/ARD): lr 0.1, momentum 0.9, wd 2e-4, batch 128."""
 
-    epochs: int = 100
-    batch_size: int = 128  # global: split over DDP workers
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
+    epochs: Count = 100
+    batch_size: Count = 128  # global: split over DDP workers
+    lr: Positive = 0.1
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
+    weight_decay: NonNegative = 2e-4
     nesterov: bool = False
-    lr_schedule: str = "multistep"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of epochs where lr is divided by 10
+    lr_schedule: LrSchedule = "multistep"
+    milestones: tuple[Fraction01, ...] = (0.5, 0.75)  # fractions of epochs where lr is divided by 10
     amp: bool = False  # bf16/fp16 autocast on CUDA; ignored on CPU
-    grad_clip: float | None = None
+    grad_clip: Positive | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Where outputs go and how the run executes."""
 
     out_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_every: int = 1  # epochs between validation passes (natural + PGD)
-    eval_pgd_steps: int = 10
-    eval_limit: int | None = 512  # validation samples per evaluation (None: all)
+    eval_every: Count = 1  # epochs between validation passes (natural + PGD)
+    eval_pgd_steps: Count = 10
+    eval_limit: Count | None = 512  # validation samples per evaluation (None: all)
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """A whole run. Build with :meth:`for_dataset` to get the dataset's defaults."""
+    """A whole run, valid once built (every rule checked in ``__post_init__``) and frozen: change
+    it with :meth:`updated`. Build with :meth:`for_dataset` to get the dataset's defaults."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,20 +252,65 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        problems = [p for section in fields(self) for p in _section_problems(section.name, getattr(self, section.name))]
+        try:
+            problems += _rule_problems(self)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            if not problems:  # the rules assume well-typed fields; with none wrong this is a bug
+                raise
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     @classmethod
     def for_dataset(cls, dataset: str, **sections: dict[str, Any]) -> "Config":
         """Defaults for ``dataset`` with ``sections`` (e.g. ``attack={"steps": 5}``) applied on top."""
         if dataset not in DATASET_DEFAULTS:
-            raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+            raise ConfigError(f"data.dataset: {unknown(dataset, DATASETS)}")
         base = deep_merge(DATASET_DEFAULTS[dataset], {"data": {"dataset": dataset}})
         return from_dict(deep_merge(base, sections))
 
-    def validate(self) -> "Config":
-        validate(self)
-        return self
+    def updated(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with ``sections`` (``run={"out_dir": "x"}``) changed, checked again."""
+        unknown = set(sections) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"config: unknown section(s) {sorted(unknown)}")
+        raw = to_dict(self)
+        for name, values in sections.items():
+            raw[name].update(values)
+        return from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _section_problems(name: str, section: Any) -> list[str]:
+    hints = field_hints(type(section))
+    return [p for f in fields(section) for p in check_value(f"{name}.{f.name}", getattr(section, f.name), hints[f.name])[1]]
+
+
+def _rule_problems(cfg: Config) -> list[str]:
+    """The rules that tie fields together (types and bounds are the fields' own)."""
+    from dard.models.registry import available, knob_problems  # local: models import config-free code only
+
+    d, m, a, l = cfg.data, cfg.model, cfg.attack, cfg.loss
+    out = []
+    if d.val_fraction + d.test_fraction >= 0.9:
+        out.append(f"data.val_fraction: val_fraction {d.val_fraction} + test_fraction {d.test_fraction} leave under "
+                   "10 % of the data to train on")
+    out += [f"model.{p}" for p in knob_problems(m.arch, m.kwargs)] if m.arch in available() else []
+    if a.eps > 0 and a.step_size > a.eps:
+        out.append(f"attack.step_size: step {a.step_size:.5g} exceeds eps {a.eps:.5g}")
+    channels = d.image_shape[0]
+    if not all(c < channels for c in a.dpgd_channel_mask):
+        out.append(f"attack.dpgd_channel_mask: channels must be in [0, {channels}) for {d.dataset}, "
+                   f"got {list(a.dpgd_channel_mask)}")
+    if l.method == "dard" and l.w_adv + l.w_rob + l.w_nat + l.w_ce + l.w_ce_adv == 0:
+        out.append("loss.w_adv: all DARD weights are 0: nothing to train")
+    r = cfg.run
+    if not (r.device in ("auto", "cpu", "mps") or r.device.startswith("cuda")):
+        out.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    return out
 
 
 # Digits: 8x8 grey images; eps 0.2 separates methods (docs/design.md §8: a natural CNN falls to
@@ -205,7 +336,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "fashion-mnist": {
         "data": {"crop_padding": 0, "flip": False},
-        "model": {"arch": "cnn_small", "width": 0.25},
+        "model": {"arch": "cnn_small", "kwargs": {"width": 0.25}},
         "attack": {"eps": 0.1, "step_size": 0.025, "steps": 10},
         "loss": {"rob_target": "label", "w_adv": 1.0, "w_rob": 1.0, "w_nat": 0.0, "w_ce": 0.0},
         "optim": {"epochs": 15, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "weight_decay": 5e-4},
@@ -222,8 +353,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": {"arch": "cnn_large"}, "loss": {"method": "trades"},
                "optim": {"epochs": 80, "lr": 0.1, "lr_schedule": "onecycle"}},
-    # width 1 explicitly: the dataset's student defaults (merged below this) are cnn_small at width 0.25
-    "fashion-mnist": {"model": {"arch": "cnn_small", "width": 1.0}, "loss": {"method": "sat"},
+    # no kwargs: the dataset's student defaults (merged below this) are cnn_small at width 0.25
+    "fashion-mnist": {"model": {"arch": "cnn_small", "kwargs": {}}, "loss": {"method": "sat"},
                       "optim": {"epochs": 15, "lr": 0.1, "lr_schedule": "onecycle"}},
     "cifar10": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
     "cifar100": {"model": {"arch": "wrn34_10"}, "loss": {"method": "trades"}},
@@ -233,75 +364,8 @@ TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
 def teacher_config(dataset: str, **sections: dict[str, Any]) -> Config:
     """The dataset's default teacher recipe (``TEACHER_DEFAULTS``) with ``sections`` applied on top."""
     if dataset not in TEACHER_DEFAULTS:
-        raise ConfigError(f"data.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+        raise ConfigError(f"data.dataset: {unknown(dataset, DATASETS)}")
     return Config.for_dataset(dataset, **deep_merge(TEACHER_DEFAULTS[dataset], sections))
-
-
-def validate(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the first invalid field."""
-    from dard.models import available  # local: models import config-free code only
-
-    def need(cond: bool, name: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{name}: {msg}")
-
-    for section in fields(cfg):
-        for f in fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), f.name)
-            for v in value if isinstance(value, tuple) else (value,):
-                need(not isinstance(v, float) or math.isfinite(v), f"{section.name}.{f.name}",
-                     f"must be a finite number, got {value}")
-    d, m, a, l, o, r = cfg.data, cfg.model, cfg.attack, cfg.loss, cfg.optim, cfg.run
-    need(d.dataset in DATASETS, "data.dataset", f"unknown dataset {d.dataset!r}; choose from {', '.join(DATASETS)}")
-    need(0 < d.val_fraction < 1, "data.val_fraction",
-         f"must be in (0, 1), got {d.val_fraction}: validation is what selection and the registry use")
-    need(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
-    need(d.val_fraction + d.test_fraction < 0.9, "data.val_fraction",
-         f"val_fraction {d.val_fraction} + test_fraction {d.test_fraction} leave under 10 % of the data to train on")
-    need(d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}")
-    need(d.limit_train is None or d.limit_train > 0, "data.limit_train", "must be positive or null")
-    need(m.arch in available(), "model.arch", f"unknown architecture {m.arch!r}; choose from {', '.join(available())}")
-    need(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", f"WideResNet depth must be 6n+4 (e.g. 28, 34), got {m.depth}")
-    need(m.widen_factor >= 1, "model.widen_factor", f"must be >= 1, got {m.widen_factor}")
-    need(0 < m.width <= 16, "model.width", f"must be in (0, 16], got {m.width}")
-    need(m.width == 1.0 or m.arch.startswith("cnn_"), "model.width",
-         f"{m.width} scales the cnn_* models only; with {m.arch} set model.width: 1 (--set model.width=1)")
-    need(_finite(a.eps) and 0 <= a.eps <= 1, "attack.eps", f"must be in [0, 1] (pixel scale, e.g. 8/255), got {a.eps}")
-    need(_finite(a.step_size) and a.step_size > 0, "attack.step_size", f"must be > 0, got {a.step_size}")
-    need(a.step_size <= a.eps or a.eps == 0, "attack.step_size", f"step {a.step_size:.5g} exceeds eps {a.eps:.5g}")
-    need(a.steps >= 1, "attack.steps", f"must be >= 1, got {a.steps}")
-    need(a.dpgd_loss in DPGD_LOSSES, "attack.dpgd_loss", f"unknown {a.dpgd_loss!r}; choose from {', '.join(DPGD_LOSSES)}")
-    need(a.dpgd_schedule in STEP_SCHEDULES, "attack.dpgd_schedule", f"unknown {a.dpgd_schedule!r}; choose from {', '.join(STEP_SCHEDULES)}")
-    channels = d.image_shape[0]
-    need(all(0 <= c < channels for c in a.dpgd_channel_mask), "attack.dpgd_channel_mask",
-         f"channels must be in [0, {channels}) for {d.dataset}, got {list(a.dpgd_channel_mask)}")
-    need(l.method in METHODS, "loss.method", f"unknown method {l.method!r}; choose from {', '.join(METHODS)}")
-    need(_finite(l.temperature) and l.temperature > 0, "loss.temperature", f"must be > 0, got {l.temperature}")
-    need(_finite(l.ard_temperature) and l.ard_temperature > 0, "loss.ard_temperature", f"must be > 0, got {l.ard_temperature}")
-    for name in ("w_adv", "w_rob", "w_nat", "w_ce", "w_ce_adv", "trades_beta", "ard_alpha"):
-        value = getattr(l, name)
-        need(_finite(value) and value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
-    need(l.ard_alpha <= 1, "loss.ard_alpha", f"must be in [0, 1], got {l.ard_alpha}")
-    if l.method == "dard":
-        need(l.w_adv + l.w_rob + l.w_nat + l.w_ce + l.w_ce_adv > 0, "loss.w_adv", "all DARD weights are 0: nothing to train")
-    need(l.rob_target in ROB_TARGETS, "loss.rob_target", f"unknown {l.rob_target!r}; choose from {', '.join(ROB_TARGETS)}")
-    need(l.divergence in DIVERGENCES, "loss.divergence", f"unknown {l.divergence!r}; choose from {', '.join(DIVERGENCES)}")
-    need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
-    need(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
-    need(_finite(o.lr) and o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"unknown {o.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
-    need(all(0 < f < 1 for f in o.milestones), "optim.milestones", f"fractions of training must be in (0, 1), got {list(o.milestones)}")
-    need(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda") or r.device == "mps",
-         "run.device", f"must be auto, cpu, cuda or cuda:N, got {r.device!r}")
-    need(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
-    need(r.eval_limit is None or r.eval_limit >= 1, "run.eval_limit", f"must be >= 1 or null (all), got {r.eval_limit}")
-    need(r.eval_pgd_steps >= 1, "run.eval_pgd_steps", f"must be >= 1, got {r.eval_pgd_steps}")
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -318,55 +382,43 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config; unknown sections or keys are errors naming them."""
+    """Build a Config from plain values (YAML, JSON, a model file's record). Every problem --
+    unknown sections or keys, wrong types, values out of bounds -- is reported at once."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
     sections = {f.name: f for f in fields(Config)}
     unknown = {str(k) for k in raw} - set(sections)
     if unknown:
         raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
-    built = {}
-    hints = get_type_hints(Config)
-    for name, f in sections.items():
-        cls = hints[name]
-        values = raw.get(name) or {}
+    built, problems = {}, []
+    for name, cls in get_type_hints(Config).items():
+        values = _legacy(name, raw.get(name) or {})
         if not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {values!r}")
-        known = {x.name: x for x in fields(cls)}
-        extra = {str(k) for k in values} - set(known)
-        if extra:
-            raise ConfigError(f"{name}.{sorted(extra)[0]}: unknown key; known: {sorted(known)}")
-        types = get_type_hints(cls)
-        kwargs = {k: _coerce(f"{name}.{k}", v, types[k]) for k, v in values.items()}
-        built[name] = cls(**kwargs)
-    cfg = Config(**built)
-    validate(cfg)
-    return cfg
+            problems.append(f"{name}: expected a mapping, got {values!r}")
+            continue
+        hints = field_hints(cls)
+        problems += [f"{name}.{k}: unknown key; known: {', '.join(hints)}" for k in values if k not in hints]
+        checked = {k: check_value(f"{name}.{k}", v, hints[k]) for k, v in values.items() if k in hints}
+        problems += [p for _, ps in checked.values() for p in ps]
+        built[name] = {k: v for k, (v, _) in checked.items()}
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return Config(**{name: cls(**built[name]) for name, cls in get_type_hints(Config).items()})
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Tuples from YAML lists; ints accepted where floats are expected; bool is not an int here."""
-    text = str(hint)
-    if "tuple" in text:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return tuple(value)
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if hint is float or text in ("float | None",):
-        if value is None and "None" in text:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int or text == "int | None":
-        if value is None and "None" in text:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    return value
+def _legacy(section: str, values: Any) -> Any:
+    """Configs recorded before ``model.kwargs`` (model files, YAML) carried ``depth``,
+    ``widen_factor`` and ``width`` on every model: keep the ones that applied to the architecture."""
+    if section != "model" or not isinstance(values, dict) or not {"depth", "widen_factor", "width"} & set(values):
+        return values
+    values = dict(values)
+    defaults = {"depth": 34, "widen_factor": 10, "width": 1.0}
+    old = {k: values.pop(k) for k in defaults if k in values}
+    arch = values.get("arch", "")
+    # a knob at its old default that the architecture lacks is dropped; any other is kept (and
+    # refused by the architecture's check if it has no such knob)
+    kept = {k: v for k, v in old.items() if v != defaults[k] or (arch == "wideresnet" and k != "width")}
+    return {**values, "kwargs": {**kept, **(values.get("kwargs") or {})}}
 
 
 def load_yaml(path: str | Path) -> Config:
@@ -396,9 +448,11 @@ def save_yaml(cfg: Config, path: str | Path) -> Path:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, mapping by mapping; ``kwargs`` (an architecture's knobs) is
+    replaced whole: the knobs of one architecture mean nothing to another."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

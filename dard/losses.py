@@ -20,7 +20,7 @@ from torch import nn
 
 from dard.attacks.dpgd import dice_loss, dpgd_from_config
 from dard.attacks.pgd import pgd, trades_pgd
-from dard.config import DISTILL_METHODS, AttackConfig, LossConfig
+from dard.config import DISTILL_METHODS, AttackConfig, LossConfig, unknown
 from dard.data import TrainBatch
 from dard.models.registry import unwrap
 from dard.teacher import forward_logits
@@ -220,5 +220,5 @@ def needs_online_teacher(cfg: LossConfig) -> bool:
 
 def get_loss(method: str):
     if method not in LOSSES:
-        raise ValueError(f"loss.method: unknown {method!r}; choose from {', '.join(LOSSES)}")
+        raise ValueError(f"loss.method: {unknown(method, LOSSES)}")
     return LOSSES[method]

@@ -95,7 +95,6 @@ def build_shards(cfg: Config, teacher_path: str | Path, out: str, *, views: int 
     """
     if views < 1:
         raise ValueError(f"--views must be >= 1, got {views}")
-    cfg.validate()
     dataset = cfg.data.dataset
     teacher = teacher_identity(teacher_path, cfg, teacher_arch)
     ds = getattr(load_splits(cfg.data), split)

@@ -74,8 +74,9 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
                                 "dard?); dard loads registry models only from that weights-only file")
         model, file_header = load_model(weights)  # weights_only: nothing in the registry is unpickled
     config = json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None
-    header = {**file_header, "format": "registry", "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
-                                          "registry": f"{name} v{version.version}"}}
+    header = {**file_header, "format": "registry", "run_id": version.run_id,
+              "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
+                       "registry": f"{name} v{version.version}"}}
     return model, header
 
 

@@ -11,6 +11,25 @@ if TYPE_CHECKING:
     from dard.evaluate import Report
 
 
+def provenance(header: dict) -> dict:
+    """Where a report's numbers come from: the model file's sha256, its MLflow run (registry
+    models), this code's commit and version, the AutoAttack package's version, the date (UTC)."""
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dard.tracking import git_commit
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"model_sha256": header.get("sha256"), "run_id": header.get("run_id"), "commit": git_commit(),
+            "dard_version": package("dard"), "autoattack_version": package("pyautoattack"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") -> dict[str, Path]:
     """Writes ``<stem>.json``, ``<stem>.csv`` and ``<stem>-eps.png``; returns their paths."""
     out_dir = Path(out_dir)
@@ -32,21 +51,22 @@ def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") 
 
 
 def plot_examples(ex: dict, path: Path) -> Path:
-    """Two rows of images: natural (top) and PGD-20 (bottom), each titled 'pred (conf)'; red = wrong."""
+    """Two rows of images: natural (top) and PGD-20 (bottom), each captioned 'true y / pred p (conf)';
+    red = wrong."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(ex["y"])
-    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 3.0), dpi=110, squeeze=False)
     for row, (key, pred, conf) in enumerate((("x", "pred", "conf"), ("x_adv", "pred_adv", "conf_adv"))):
         for i in range(n):
             ax = axes[row][i]
             img = ex[key][i].permute(1, 2, 0).numpy()
             ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ok = int(ex[pred][i]) == int(ex["y"][i])
-            ax.set_title(f"{int(ex[pred][i])} ({100 * float(ex[conf][i]):.0f}%)", fontsize=7,
+            ax.set_title(f"true {int(ex['y'][i])}\npred {int(ex[pred][i])} ({100 * float(ex[conf][i]):.0f}%)", fontsize=7,
                          color="black" if ok else "red")
             ax.axis("off")
     axes[0][0].text(-0.6, 0.5, "natural", transform=axes[0][0].transAxes, rotation=90, va="center", fontsize=8)
@@ -68,22 +88,38 @@ def write_html(report: Report, paths: dict[str, Path], path: Path) -> Path:
         data = base64.b64encode(Path(paths[key]).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
-    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{100 * a:.2f}%</td><td>{report.samples[n]}</td></tr>"
+    from dard.evaluate import CHECK_MARK, percent
+
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(n)}</td><td>{percent(a)}</td><td>{report.samples[n]}</td></tr>"
                    for n, a in report.accuracy.items())
-    checks = "".join(f'<li style="color:{"green" if c.passed else "red"}">{"ok" if c.passed else "WARNING"} '
-                     f"<b>{html.escape(c.name)}</b>: {html.escape(c.detail)}</li>" for c in report.checks)
+    colour = {True: "green", False: "red", None: "grey"}
+    checks = "".join(f'<li style="color:{colour[c.passed]}">{CHECK_MARK[c.passed].strip()} '
+                     f"<b>{e(c.name)}</b>: {e(c.detail)}</li>" for c in report.checks)
+    aa = report.autoattack
+    aa_rows = "".join(f"<tr><td>after {e(k)}</td><td>{percent(v)}</td></tr>" for k, v in aa.get("per_attack", {}).items())
+    aa_warn = "".join(f'<li style="color:red">WARNING {e(w)}</li>' for w in aa.get("warnings", []))
     m = report.meta
     s = report.settings
+    top = report.headline()
+    headline = (f"Robust accuracy {percent(top[1])} under {e(top[0])} on {top[2]} samples" if top else
+                f"Natural accuracy {percent(report.accuracy.get('natural', float('nan')))} (no attack run)")
+    prov = m.get("provenance", {})
+    prov_items = "".join(f"<li>{e(k.replace('_', ' '))}: <code>{e(str(v))}</code></li>" for k, v in prov.items()
+                         if v is not None)
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>dard robustness report</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:2px 12px;text-align:right}}
 td:first-child{{text-align:left}}</style></head><body>
-<h2>Robustness report: {html.escape(str(m.get("model", "")))}</h2>
-<p>{html.escape(str(m.get("arch", "")))} on {html.escape(str(m.get("dataset", "")))} ({html.escape(str(m.get("split", "")))} split);
+<h2>Robustness report: {e(str(m.get("model", "")))}</h2>
+<p style="font-size:1.4em"><b>{headline}</b></p>
+<p>{e(str(m.get("arch", "")))} on {e(str(m.get("dataset", "")))} ({e(str(m.get("split", "")))} split);
 L-inf eps {s.get("eps", 0):.4g}, step {s.get("step_size", 0):.4g}, inputs in [0, 1]</p>
 <table><tr><th>attack</th><th>accuracy</th><th>samples</th></tr>{rows}</table>
 <h3>Sanity checks</h3><ul>{checks or "<li>not run</li>"}</ul>
+{f'<h3>AutoAttack ({e(str(aa.get("version", "")))}), robust accuracy after each attack</h3><table>{aa_rows}</table><ul>{aa_warn or "<li>its checks raised no warning</li>"}</ul>' if aa else ""}
 <h3>Accuracy vs eps (PGD-10)</h3>{img("png")}
-<h3>Examples: natural (top) vs PGD-20 (bottom), prediction (confidence); red = wrong</h3>{img("grid")}
+<h3>Examples: natural (top) vs PGD-20 (bottom): true label, prediction (confidence); red = wrong</h3>{img("grid")}
+<h3>Provenance</h3><ul>{prov_items or "<li>not recorded</li>"}</ul>
 </body></html>"""
     Path(path).write_text(body)
     return Path(path)
@@ -96,8 +132,8 @@ def plot_eps_curve(curve: list[tuple[float, float]], path: str | Path, title: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    ax.plot([255 * e for e, _ in curve], [100 * a for _, a in curve], marker="o")
-    ax.set_xlabel("eps (x/255)")
+    ax.plot([e for e, _ in curve], [100 * a for _, a in curve], marker="o")
+    ax.set_xlabel("eps (pixels in [0, 1], as in the header)")
     ax.set_ylabel("PGD-10 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

@@ -1,10 +1,11 @@
-"""Single-process training of a teacher (natural/SAT/TRADES) or a student (DARD/ARD/RSLAD/...).
+"""Training a teacher (natural/SAT/TRADES) or a student (DARD/ARD/RSLAD/...): one run assembly.
 
-``fit`` is what ``dard train-teacher`` and ``dard distill`` run: build from the config, resume
-from ``<out_dir>/checkpoint.pt`` if asked, one checkpoint per epoch, a final model file
-``<out_dir>/model.pt`` and ``<out_dir>/history.jsonl`` (one JSON line per epoch). The epoch loop
-is ``dard.engine.run_epochs``; the pieces around it (optimizer, schedule, batch streams, teacher
-loading) are shared with ``cluster/train.py``.
+:func:`prepare` builds everything a training process needs from the config -- model, optimizer,
+schedule, this rank's batches (in memory with the teacher run online, or from soft-label shards),
+the online-teacher rule, validation data -- and :meth:`Run.resume` is the one resume check.
+``fit`` (``dard train-teacher``, ``dard distill``, the benchmarks, the demo) and the Ray Train
+worker (``cluster/train.py``) are both ``prepare`` -> resume -> ``Run.epochs`` -> persist: ``fit``
+writes ``<out_dir>/checkpoint.pt`` each epoch, ``<out_dir>/history.jsonl`` and ``<out_dir>/model.pt``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +26,7 @@ from dard.data import ArrayDataset, TrainBatch, iterate_batches, num_batches, lo
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs
 from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
 from dard.models import build_for, file_sha256, load_teacher_for, save_for
+from dard.models.registry import unwrap
 from dard.seeding import epoch_generator, seed_everything
 from dard.teacher import teacher_outputs
 
@@ -127,65 +130,134 @@ def online_teacher_for(cfg: Config, teacher_path: str | Path | None, device: tor
     return teacher.to(device).eval()
 
 
-def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None, resume: bool = False,
-        batch_source: Callable[[int], Iterator[TrainBatch]] | None = None, batches_per_epoch: int | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, extra_meta: dict | None = None) -> dict:
-    """Train per ``cfg`` in this process; returns the last epoch's metrics plus paths.
+@dataclass
+class Run:
+    """One training process (or one DDP rank), assembled by :func:`prepare`.
 
-    ``batch_source(epoch)`` replaces the in-memory online batches (used for training from
-    shards); teacher outputs then come from the source. Distillation methods need either a
-    ``teacher_path`` or a ``batch_source``.
+    ``batches(epoch)`` yields this rank's :class:`TrainBatch` es, ``steps`` of them; ``val`` is the
+    validation split on rank 0 (None elsewhere); ``teacher``/``shards`` say where the teacher's
+    outputs come from (``{"arch", "sha256", "path"}``, ``{"directory", "fingerprint"}``) and are
+    recorded in every checkpoint and in the model file.
     """
-    cfg.validate()
-    out_dir = Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out_dir / "config.yaml")
-    seed_everything(cfg.run.seed)  # the initial weights
-    device = resolve_device(cfg.run.device)
-    splits = load_splits(cfg.data)
+
+    cfg: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    batches: Callable[[int], Iterator[TrainBatch]]
+    steps: int
+    val: ArrayDataset | None
+    teacher: dict | None = None
+    shards: dict | None = None
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def resume(self, state: dict, where: str | Path) -> None:
+        """Continue from a checkpoint ``state`` (read from ``where``); refuses one written under
+        another config (:func:`dard.checkpoint.check_resumable`)."""
+        check_resumable(state, to_dict(self.cfg), where)
+        self.start_epoch = restore(state, self.model, self.optimizer, self.scheduler)
+        self.history = list(state.get("history", []))
+        log.info("resumed from %s at epoch %d", where, self.start_epoch)
+
+    def checkpoint(self, epoch: int, history: list[dict]) -> dict:
+        """The checkpoint state after ``epoch`` (0-based, finished)."""
+        return checkpoint_state(self.model, self.optimizer, self.scheduler, epoch, to_dict(self.cfg), history,
+                                {"teacher": self.teacher, "shards": self.shards})
+
+    def epochs(self, on_epoch_end: Callable[[int, dict, list], None], **kwargs) -> list[dict]:
+        """``dard.engine.run_epochs`` from ``start_epoch``; returns the whole history."""
+        return run_epochs(self.model, self.optimizer, self.scheduler, self.cfg, self.batches, device=self.device,
+                          steps=self.steps, start_epoch=self.start_epoch, history=self.history, val=self.val,
+                          on_epoch_end=on_epoch_end, **kwargs)
+
+    def save_model(self, path: str | Path, history: list[dict], extra_meta: dict | None = None) -> Path:
+        """The model file (weights + architecture + the run's config, teacher, shards, final metrics)."""
+        meta = {"method": self.cfg.loss.method, "config": to_dict(self.cfg),
+                "final_metrics": history[-1] if history else {}, "teacher": self.teacher, "shards": self.shards,
+                **(extra_meta or {})}
+        return save_for(path, unwrap(self.model), self.cfg.model, self.cfg.data, meta)
+
+
+def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,
+            shards: str | Path | None = None, rank: int = 0, world_size: int = 1,
+            device: torch.device | None = None, check: str = "full") -> Run:
+    """Assemble a run from ``cfg`` for ``rank`` of ``world_size`` (DDP ranks read ``shards``).
+
+    Teacher outputs come from ``shards`` when given (``check``: how much of them to verify, see
+    :class:`dard.shards.ShardReader`; a ``teacher_path`` must then be the shards' teacher), else
+    from the teacher at ``teacher_path`` run online (distillation methods need one). A loss that
+    queries the teacher itself (``rob_target='teacher_adv'``) loads it either way, checked by sha256
+    against the shards. ``optim.batch_size`` is global: each rank takes ``batch_size / world_size``.
+    Raises ValueError naming what is missing or inconsistent.
+    """
+    seed_everything(cfg.run.seed)  # the initial weights (DDP broadcasts rank 0's anyway)
+    device = device or resolve_device(cfg.run.device)
     model = place_model(build_for(cfg.model, cfg.data), device)
-    teacher, teacher_header = None, None
-    if cfg.loss.method in NEEDS_TEACHER and batch_source is None:
-        if teacher_path is None:
-            raise ValueError(f"method {cfg.loss.method!r} distils from a teacher: pass --teacher PATH (or --shards DIR)")
-        teacher, teacher_header = load_run_teacher(teacher_path, cfg, teacher_arch)
-        teacher = teacher.to(device)
-    online_teacher = teacher if teacher is not None and needs_online_teacher(cfg.loss) else \
-        online_teacher_for(cfg, teacher_path, device, teacher_arch=teacher_arch)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    if cfg.optim.batch_size % world_size:
+        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world_size} workers")
+    local = cfg.optim.batch_size // world_size
+    splits = load_splits(cfg.data) if shards is None or rank == 0 else None
+    if shards is not None:
+        reader = open_shards(shards, cfg, teacher_path, check=check)
+        source, steps = shard_batches(reader, cfg, rank, world_size, local)
+        if steps == 0:
+            raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")
+        made_by = reader.manifest["teacher"]
+        teacher = {k: made_by.get(k) for k in ("arch", "sha256", "path")}
+        shard_info = {"directory": str(shards), "fingerprint": reader.manifest.get("fingerprint")}
+        # Everything else the teacher contributes is in the shards; an online teacher is the shards'
+        # own file unless teacher_path names one, and must be the file they were built from.
+        online = online_teacher_for(cfg, teacher_path or made_by.get("path"), device,
+                                    expected_sha256=made_by.get("sha256"), teacher_arch=teacher_arch)
+    else:
+        if world_size > 1:
+            raise ValueError("distributed training reads its batches from shards: pass shards=")
+        loaded, teacher, shard_info = None, None, None
+        if cfg.loss.method in NEEDS_TEACHER:
+            if teacher_path is None:
+                raise ValueError(f"method {cfg.loss.method!r} distils from a teacher: pass --teacher PATH "
+                                 "(or --shards DIR)")
+            loaded, header = load_run_teacher(teacher_path, cfg, teacher_arch)
+            loaded = loaded.to(device)
+            teacher = {k: header[k] for k in ("arch", "sha256", "path") if k in header}
+        online = (loaded.eval() if loaded is not None and needs_online_teacher(cfg.loss) else
+                  online_teacher_for(cfg, teacher_path, device, teacher_arch=teacher_arch))
+        train = splits.train
+        source = lambda epoch: online_batches(train, cfg, epoch, loaded, device)  # noqa: E731
+        steps = num_batches(len(train), local, drop_last=len(train) > local)
+    return Run(cfg, model, optimizer, scheduler, device, with_online_teacher(source, online), steps,
+               splits.val if rank == 0 else None, teacher, shard_info)
+
+
+def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,
+        shards: str | Path | None = None, resume: bool = False,
+        on_epoch_end: Callable[[int, dict], None] | None = None, extra_meta: dict | None = None) -> dict:
+    """Train per ``cfg`` in this process (see :func:`prepare` for ``teacher_path``/``shards``);
+    resume from ``<run.out_dir>/checkpoint.pt`` when ``resume``. Returns the last epoch's metrics
+    plus ``model_path``, ``checkpoint_path`` and ``out_dir``."""
+    out_dir = Path(cfg.run.out_dir)
+    run = prepare(cfg, teacher_path=teacher_path, teacher_arch=teacher_arch, shards=shards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out_dir / "config.yaml")
     ckpt_path = out_dir / "checkpoint.pt"
-    history: list[dict] = []
-    start_epoch = 0
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        check_resumable(state, to_dict(cfg), ckpt_path)
-        start_epoch = restore(state, model, optimizer, scheduler)
-        history = list(state.get("history", []))
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+        run.resume(load_checkpoint(ckpt_path), ckpt_path)
     elif resume:
         log.info("no checkpoint at %s; starting from scratch", ckpt_path)
 
-    batches = with_online_teacher(batch_source or (lambda e: online_batches(splits.train, cfg, e, teacher, device)),
-                                  online_teacher)
-
     def persist(epoch: int, metrics: dict, history: list) -> None:
-        save_checkpoint(ckpt_path, checkpoint_state(model, optimizer, scheduler, epoch, to_dict(cfg), history,
-                                                    {"teacher": teacher_header}))
+        save_checkpoint(ckpt_path, run.checkpoint(epoch, history))
         # rewritten whole each epoch, so a resumed run never duplicates or loses a line
         (out_dir / "history.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
         log.info(epoch_line(cfg, metrics))
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
 
-    steps = batches_per_epoch or num_batches(len(splits.train), cfg.optim.batch_size,
-                                             drop_last=len(splits.train) > cfg.optim.batch_size)
-    history = run_epochs(model, optimizer, scheduler, cfg, batches, device=device, steps=steps, start_epoch=start_epoch,
-                         history=history, val=splits.val, on_epoch_end=persist, progress=cfg.run.progress)
-    metrics = history[-1] if history else {}
-
-    meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": metrics,
-            "teacher": {k: teacher_header[k] for k in ("arch", "sha256", "path") if k in teacher_header}
-            if teacher_header else None, **(extra_meta or {})}
-    model_path = save_for(out_dir / "model.pt", model, cfg.model, cfg.data, meta)
-    return {**metrics, "model_path": str(model_path), "checkpoint_path": str(ckpt_path), "out_dir": str(out_dir)}
+    history = run.epochs(persist, progress=cfg.run.progress)
+    model_path = run.save_model(out_dir / "model.pt", history, extra_meta)
+    return {**(history[-1] if history else {}), "model_path": str(model_path), "checkpoint_path": str(ckpt_path),
+            "out_dir": str(out_dir)}

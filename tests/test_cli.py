@@ -17,6 +17,12 @@ def test_train_teacher_then_evaluate(tmp_path, capsys):
                  "--out", str(out), "--no-progress", "--resume"]) == 0
     history = (tmp_path / "teacher-run" / "history.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in history] == [0, 1, 2]
+    # ... and refuses to continue it under another config, writing nothing
+    before = (tmp_path / "teacher-run" / "checkpoint.pt").read_bytes()
+    assert main(["train-teacher", "--arch", "cnn_small", "--epochs", "3", "--limit-train", "300", "--steps", "2",
+                 "--lr", "0.05", "--out", str(out), "--no-progress", "--resume"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert (tmp_path / "teacher-run" / "checkpoint.pt").read_bytes() == before
     assert main(["evaluate", "--model", str(out), "--attacks", "natural,fgsm,pgd20", "--limit", "60",
                  "--no-progress", "--no-checks"]) == 0
     printed = capsys.readouterr().out

@@ -98,15 +98,18 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     epochs = [r["epoch"] for r in rank0]
     assert epochs.count(0) == 4 and epochs.count(2) == 4  # epoch 0 not redone after the restart
     assert epochs.count(1) == 2 + 4  # killed halfway through epoch 1 (step 2 of 4), then redone whole
+    # The same Ray run (storage, name) started again under another config is refused by the
+    # worker's resume (the rule `fit` applies), not silently continued.
+    other = small_train_cfg(tmp_path).updated(optim={"lr": 0.05})
+    with pytest.raises(RuntimeError, match="optim.lr"):
+        train_distributed(other, ray_shards, workers=1, name="ddp-fault", max_failures=0)
 
 
 def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
     from cluster.train import train_distributed
     from dard.shards import ShardError
 
-    cfg = small_train_cfg(tmp_path)
-    cfg.attack.eps = 0.1
-    cfg.attack.step_size = 0.05
+    cfg = small_train_cfg(tmp_path).updated(attack={"eps": 0.1, "step_size": 0.05})
     with pytest.raises(ShardError, match="attack eps"):
         train_distributed(cfg, ray_shards, workers=2)
 

@@ -54,6 +54,39 @@ def test_unknown_key_and_wrong_type_are_errors():
         from_dict(raw)
 
 
+def test_every_problem_is_named_at_once_and_optional_fields_keep_their_type(tmp_path, capsys):
+    from dard.cli import main
+
+    raw = Config.for_dataset("digits").to_dict()
+    raw["data"]["data_dir"] = 5  # `str | None`: None or a string, nothing else
+    with pytest.raises(ConfigError, match=r"^data\.data_dir: expected a string, got 5$"):
+        from_dict(raw)
+    raw["optim"]["lr"], raw["loss"]["divergence"] = -0.1, "l2"
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    message = str(err.value)
+    assert "\n" not in message and [p.split(":")[0] for p in message.split("; ")] == [
+        "data.data_dir", "loss.divergence", "optim.lr"], message
+    # the same from the command line: one line, exit 2, nothing written
+    assert main(["distill", "--set", "data.data_dir=5", "--lr", "-0.1", "--set", "loss.divergence=l2",
+                 "--out", str(tmp_path / "s.pt")]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert err_line.count("\n") == 0 and all(f in err_line for f in ("data.data_dir", "loss.divergence", "optim.lr"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_is_frozen_and_changed_by_copy():
+    import dataclasses
+
+    cfg = Config.for_dataset("digits")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    changed = cfg.updated(optim={"lr": 0.2})
+    assert (cfg.optim.lr, changed.optim.lr) == (0.4, 0.2)
+    with pytest.raises(ConfigError, match="optim.lr: must be > 0"):
+        cfg.updated(optim={"lr": 0})
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = Config.for_dataset("digits", loss={"method": "rslad", "temperature": 4.0}, attack={"dpgd_channel_mask": [0]})
     path = save_yaml(cfg, tmp_path / "run.yaml")

@@ -25,7 +25,7 @@ def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path
 
     sizes = {}
     for width in (0.25, 0.5, 1.0):
-        cfg = Config.for_dataset("digits", model={"width": width})
+        cfg = Config.for_dataset("digits", model={"kwargs": {"width": width}})
         model = build_for(cfg.model, cfg.data)
         sizes[width] = count_parameters(model)
         path = save_for(tmp_path / f"w{width}.pt", model, cfg.model, cfg.data)
@@ -33,10 +33,14 @@ def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path
         assert count_parameters(loaded) == sizes[width]
         assert header["arch_kwargs"] == ({} if width == 1.0 else {"width": width})  # width-1 files unchanged
     assert 900 < sizes[0.25] < 1_200 and 3_500 < sizes[0.5] < 4_000 and sizes[1.0] == count_parameters(build("cnn_small", 10, 1))
-    with pytest.raises(ConfigError, match=r"model.width: 0.5 scales the cnn_\* models only; with resnet18 set model.width: 1"):
+    with pytest.raises(ConfigError, match=r"model.kwargs.width: resnet18 has no such knob; its knobs: none"):
+        Config.for_dataset("digits", model={"arch": "resnet18", "kwargs": {"width": 0.5}})
+    with pytest.raises(ConfigError, match=r"model.kwargs.width: must be in \(0, 16\]"):
+        Config.for_dataset("digits", model={"kwargs": {"width": 0.0}})
+    # configs recorded before model.kwargs (model files, YAML) still read, knobs where they apply
+    assert Config.for_dataset("digits", model={"width": 0.5, "depth": 34, "widen_factor": 10}).model.kwargs == {"width": 0.5}
+    with pytest.raises(ConfigError, match=r"model.kwargs.width: resnet18 has no such knob"):
         Config.for_dataset("digits", model={"arch": "resnet18", "width": 0.5})
-    with pytest.raises(ConfigError, match=r"model.width: must be in \(0, 16\]"):
-        Config.for_dataset("digits", model={"width": 0.0})
 
 
 def test_registry_lists_all_and_rejects_unknown():

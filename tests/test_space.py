@@ -25,7 +25,7 @@ def test_yaml_space(tmp_path):
     ({"temperature": {"type": "uniform", "low": -2, "high": 3}}, "temperature: must be > 0"),
     ({"w_adv": {"type": "uniform", "low": -1, "high": 1}}, "w_adv: must be >= 0"),
     ({"beta": 1.0}, "beta: unknown parameter"),
-    ({"divergence": {"type": "choice", "values": ["kl", "l2"]}}, "divergence: 'l2' is not one of"),
+    ({"divergence": {"type": "choice", "values": ["kl", "l2"]}}, "divergence: unknown 'l2'"),
     ({"divergence": {"type": "choice", "values": []}}, "divergence: choice needs a non-empty list"),
     ({"lr": {"type": "normal", "mu": 0}}, "lr: unknown distribution type"),
 ])

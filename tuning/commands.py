@@ -21,7 +21,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     if args.run_dir:
-        cfg.run.out_dir = args.run_dir
+        cfg = cfg.updated(run={"out_dir": args.run_dir})
     uri = check_tracking_uri(args.tracking_uri)
     to_file(Path(args.storage_path or Path(cfg.run.out_dir) / "sweeps") / args.name)
     result = sweep(cfg, args.shards, args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,

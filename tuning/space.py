@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from dard.config import DIVERGENCES, DPGD_LOSSES, METHODS, ROB_TARGETS, STEP_SCHEDULES, Config, from_dict
+from dard.config import Config, check_value, field_hints, from_dict
 
 # parameter -> (config section, key)
 PARAMETERS = {
@@ -35,8 +35,6 @@ PARAMETERS = {
     "trades_beta": ("loss", "trades_beta"), "ard_alpha": ("loss", "ard_alpha"),
     "ard_temperature": ("loss", "ard_temperature"), "weight_decay": ("optim", "weight_decay"),
 }
-CHOICES = {"divergence": DIVERGENCES, "dpgd_loss": DPGD_LOSSES, "dpgd_schedule": STEP_SCHEDULES,
-           "rob_target": ROB_TARGETS, "method": METHODS}
 LR_RANGE = {"type": "loguniform", "low": 0.02, "high": 0.8}
 WEIGHTS = ("w_adv", "w_rob", "w_nat")
 HARD_LABEL_SCALED = ("self", "label")  # robustness targets whose hard-label CE sets the loss scale
@@ -150,16 +148,11 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_value(name: str, value: Any) -> None:
-    if name in CHOICES:
-        if value not in CHOICES[name]:
-            raise SpaceError(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise SpaceError(f"{name}: expected a number, got {value!r}")
-    if name in ("temperature", "lr", "ard_temperature") and value <= 0:
-        raise SpaceError(f"{name}: must be > 0, got {value}")
-    if (name.startswith("w_") or name in ("trades_beta", "ard_alpha", "weight_decay")) and value < 0:
-        raise SpaceError(f"{name}: must be >= 0, got {value}")
+    """The config field's own type, choices and bounds (``dard.config``), named as the space names it."""
+    section, key = PARAMETERS[name]
+    problems = check_value(name, value, field_hints(type(getattr(Config(), section)))[key])[1]
+    if problems:
+        raise SpaceError(problems[0])
 
 
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:

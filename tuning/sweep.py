@@ -91,7 +91,7 @@ def _trial(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if k != "_ctx"}
     cfg = apply(from_dict(ctx["run"]), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg.run.out_dir = str(Path(ctx["storage"]) / "trials" / trial_id)
+    cfg = cfg.updated(run={"out_dir": str(Path(ctx["storage"]) / "trials" / trial_id)})
     tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
                            "parent_run_id": ctx["parent_run_id"],
                            "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
@@ -129,8 +129,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         raise ValueError(f"--trials must be >= 1, got {trials}")
     if not isinstance(space_dict.get("method"), (str, type(None))):
         raise ValueError("space: method must be a fixed value (one method per sweep, equal trials per method)")
-    cfg.loss.method = space_dict.get("method", cfg.loss.method)
-    cfg.validate()
+    cfg = cfg.updated(loss={"method": space_dict.get("method", cfg.loss.method)})
     uri = check_tracking_uri(tracking_uri)
     open_shards(shards, cfg, check="full")
     storage = Path(storage_path or Path(cfg.run.out_dir) / "sweeps").absolute()

@@ -7,7 +7,7 @@ On the CPU it takes minutes even for tiny models, so callers pass a subset (``li
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,11 +20,16 @@ STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 @dataclass
 class AutoAttackResult:
-    """robust: bool (N,) per sample, True where every attack failed; x_adv: (N, C, H, W) in [0, 1]."""
+    """robust: bool (N,) per sample, True where every attack failed; x_adv: (N, C, H, W) in [0, 1];
+    per_attack_accuracy: robust accuracy after each attack, as AutoAttack reports it; warnings:
+    what AutoAttack's own checks (``pyautoattack/checks.py``) said, word for word; version: of
+    the pyautoattack package."""
 
     robust: torch.Tensor
     x_adv: torch.Tensor
     per_attack_accuracy: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    version: str = ""
 
     @property
     def accuracy(self) -> float:
@@ -43,6 +48,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     ``progress``: a bar that advances per attack, names the attack and batch, and redraws every
     second (elapsed time and the estimate keep moving during a long attack).
     """
+    import pyautoattack
     from pyautoattack import AutoAttack
 
     if num_classes < 2:
@@ -56,10 +62,11 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
     per_attack: dict[str, float] = {}
+    warnings: list[str] = []
     names = list(attacks) if attacks is not None else list(adversary.attacks_to_run)
     with frozen(model), torch.no_grad(), progress_bar(len(names), "AutoAttack", enabled=progress, tick=1.0) as bar:
         # AutoAttack's per-attack accuracies and progress go to its logger: capture them.
-        handler = _CaptureAccuracies(per_attack, bar)
+        handler = _CaptureAccuracies(per_attack, warnings, bar)
         logger = logging.getLogger("auto-attack")
         logger.addHandler(handler)
         previous_level, previous_propagate = logger.level, logger.propagate
@@ -75,20 +82,24 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         x_adv = out[0] if isinstance(out, tuple) else out
         robust = torch.cat([model(x_adv[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size].cpu()
                             for i in range(0, len(y), batch_size)]) if len(y) else torch.zeros(0, dtype=torch.bool)
-    return AutoAttackResult(robust=robust, x_adv=x_adv.detach().cpu(), per_attack_accuracy=per_attack)
+    return AutoAttackResult(robust=robust, x_adv=x_adv.detach().cpu(), per_attack_accuracy=per_attack,
+                            warnings=list(dict.fromkeys(warnings)), version=getattr(pyautoattack, "__version__", ""))
 
 
 class _CaptureAccuracies(logging.Handler):
-    """Parses AutoAttack's log: 'robust accuracy after APGD-CE: 71.20% ...' into {attack:
-    accuracy}; 'running apgd-t' and 'apgd-t - 1/2 - ...' into the progress bar."""
+    """Reads AutoAttack's logger: its checks' warnings (WARNING records) word for word; 'robust
+    accuracy after APGD-CE: 71.20% ...' into {attack: accuracy}; 'running apgd-t' and 'apgd-t -
+    1/2 - ...' into the progress bar. (AutoAttack has no API for these; its log is what it says.)"""
 
-    def __init__(self, sink: dict[str, float], bar):
+    def __init__(self, sink: dict[str, float], warnings: list[str], bar):
         super().__init__(logging.DEBUG)
-        self.sink, self.bar = sink, bar
+        self.sink, self.warnings, self.bar = sink, warnings, bar
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if msg.startswith("robust accuracy after "):
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(msg)
+        elif msg.startswith("robust accuracy after "):
             name, _, rest = msg[len("robust accuracy after "):].partition(":")
             try:
                 self.sink[name.strip().lower()] = float(rest.strip().split("%")[0]) / 100

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dard.attacks.pgd import cw_margin_loss, projected_gradient_attack
-from dard.config import DPGD_LOSSES
+from dard.config import DPGD_LOSSES, unknown
 
 
 def dice_loss(probs: torch.Tensor, target_probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -57,7 +57,7 @@ def as_distribution(target: torch.Tensor, num_classes: int) -> torch.Tensor:
 def dpgd_inner_loss(name: str):
     """``(logits, target) -> (B,)`` for the named inner loss; target = labels or probabilities."""
     if name not in DPGD_LOSSES:
-        raise ValueError(f"attack.dpgd_loss: unknown {name!r}; choose from {', '.join(DPGD_LOSSES)}")
+        raise ValueError(f"attack.dpgd_loss: {unknown(name, DPGD_LOSSES)}")
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         q = as_distribution(target, logits.shape[1])

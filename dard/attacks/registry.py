@@ -4,9 +4,9 @@ x (N, C, H, W) in [0, 1], y (N,) labels; x_adv stays in the L-inf ball of ``para
 [0, 1]. Every iterative attack keeps, per sample, the first iterate that fools the model, and
 draws its random start from a generator seeded with ``params.seed`` (each call alike, so a
 batch's result does not depend on the batches before it). ``dard evaluate``, the CLI's help and
-``dard video`` read the names from here. AutoAttack (``AUTOATTACK``) is the official
-implementation with its own batching and progress (``dard.attacks.autoattack``); the protocol
-runs it by name after these.
+``dard video`` read the names from here. ``square`` is the official gradient-free Square attack.
+AutoAttack (``AUTOATTACK``) is the official implementation with its own batching and progress
+(``dard.attacks.autoattack``); the protocol runs it by name after these.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from dard.attacks.dpgd import dpgd
 from dard.attacks.pgd import bim, cw_inf, fgsm, pgd, trades_pgd
-from dard.config import EVAL_ATTACKS
+from dard.config import EVAL_ATTACKS, unknown
 from dard.seeding import generator
 
 
@@ -30,10 +30,22 @@ class AttackParams:
     seed: int = 0
     dpgd_loss: str = "dice"
     dpgd_schedule: str = "cosine"  # the strongest Dice schedule measured (see dard/attacks/dpgd.py)
+    square_queries: int = 1000  # Square's model queries per sample (AutoAttack's standard run uses 5000)
 
 
 def _gen(p: AttackParams) -> torch.Generator:
     return generator(p.seed)
+
+
+def square(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p: AttackParams) -> torch.Tensor:
+    """The official Square attack (Andriushchenko et al. 2020, AutoAttack's implementation): random
+    square updates, no gradients; ``p.square_queries`` queries, seeded with ``p.seed``."""
+    from pyautoattack.square import SquareAttack
+
+    attack = SquareAttack(model, p_init=0.8, n_queries=p.square_queries, eps=p.eps, norm="Linf", n_restarts=1,
+                          seed=p.seed, verbose=False, device=x.device, resc_schedule=False)
+    with torch.no_grad():
+        return attack.perturb(x, y)
 
 
 Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, AttackParams], torch.Tensor]
@@ -47,7 +59,9 @@ ATTACKS: dict[str, Attack] = {
     "cw20": lambda m, x, y, p: cw_inf(m, x, y, p.eps, p.step_size, 20, labels_for_early_keep=y, generator=_gen(p)),
     "dpgd20": lambda m, x, y, p: dpgd(m, x, y, eps=p.eps, step_size=p.step_size, steps=20, loss=p.dpgd_loss,
                                       schedule=p.dpgd_schedule, labels_for_early_keep=y, generator=_gen(p)),
+    "square": square,
 }
+SQUARE = "square"
 AUTOATTACK = "autoattack"
 PROTOCOL = EVAL_ATTACKS  # every name `dard evaluate` knows, in report order
 if (*ATTACKS, AUTOATTACK) != PROTOCOL:
@@ -56,6 +70,6 @@ if (*ATTACKS, AUTOATTACK) != PROTOCOL:
 
 def check_names(names, known=PROTOCOL, what: str = "attacks") -> None:
     """ValueError naming the unknown ones and the choices."""
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise ValueError(f"{what}: unknown {unknown}; choose from {','.join(known)}")
+    bad = sorted(set(names) - set(known))
+    if bad:
+        raise ValueError(f"{what}: {unknown(', '.join(bad), known)}")

@@ -1,7 +1,7 @@
 """Model registry: small CNNs (digits), ResNet-18, MobileNetV2, WideResNet (RobustBench keys)."""
 from dard.models import mobilenetv2, resnet, small_cnn, wideresnet  # noqa: F401  (registration)
 from dard.models.io import ModelFileError, NonFiniteWeightsError, file_sha256, load_model, load_teacher, save_model
-from dard.models.registry import Normalize, available, build, count_parameters, unwrap
+from dard.models.registry import Normalize, available, build, count_parameters, knobs, unwrap
 
 __all__ = ["ModelFileError", "NonFiniteWeightsError", "Normalize", "available", "build", "build_for", "count_parameters",
            "file_sha256", "load_model", "load_teacher", "load_teacher_for", "save_for", "save_model", "unwrap"]
@@ -26,9 +26,7 @@ def load_teacher_for(path, data_cfg, arch: str | None = None, *, data: bytes | N
 
 
 def arch_kwargs(model_cfg) -> dict:
-    """The architecture's own knobs from the model config, as the model file records them."""
-    if model_cfg.arch == "wideresnet":
-        return {"depth": model_cfg.depth, "widen_factor": model_cfg.widen_factor}
-    if model_cfg.arch.startswith("cnn_") and model_cfg.width != 1.0:
-        return {"width": model_cfg.width}
-    return {}
+    """The architecture's own knobs (``model.kwargs``) as the model file records them: those at
+    their default left out, so a file does not depend on how its config spelled them."""
+    defaults = knobs(model_cfg.arch)
+    return {k: v for k, v in model_cfg.kwargs.items() if defaults.get(k) != v}

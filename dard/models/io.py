@@ -76,8 +76,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A dard model file -> (model in eval mode, its header without the state dict)."""
-    return _dard_model(read_file(path), path, map_location)
+    """A dard model file -> (model in eval mode, its header without the state dict, plus the
+    file's ``sha256``)."""
+    model, header = _dard_model(read_file(path), path, map_location)
+    return model, {**header, "sha256": file_sha256(path)}
 
 
 def _dard_model(payload: Any, path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

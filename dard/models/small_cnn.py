@@ -2,7 +2,7 @@
 
 ``cnn_small`` (~14k parameters) is the digits student; ``cnn_medium`` (~114k) and ``cnn_large``
 (~0.5M parameters, ~25x the student's FLOPs on 8x8) are digits teachers
-(``benchmarks/results/teacher-digits.md``). ``width`` (``model.width``) scales every layer's
+(``benchmarks/results/teacher-digits.md``). ``width`` (``model.kwargs.width``) scales every layer's
 channels (rounded, at least 1): cnn_small at width 0.25 has ~1k parameters, at 0.5 ~3.8k.
 """
 from __future__ import annotations
@@ -34,16 +34,23 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(self.normalize(x))).flatten(1))
 
 
+def _check(width: float = 1.0) -> list[str]:
+    return [] if 0 < width <= 16 else [f"width: must be in (0, 16], got {width}"]
+
+
 @register("cnn_small")
-def cnn_small(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+def cnn_small(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
     return SmallCNN((16, 32, 32), (1, 2, 1), num_classes, in_channels, width)
 
 
 @register("cnn_medium")
-def cnn_medium(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+def cnn_medium(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
     return SmallCNN((64, 64, 128), (1, 2, 1), num_classes, in_channels, width)
 
 
 @register("cnn_large")
-def cnn_large(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, **_) -> SmallCNN:
+def cnn_large(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
     return SmallCNN((64, 128, 128, 256), (1, 2, 1, 2), num_classes, in_channels, width)
+
+
+cnn_small.check = cnn_medium.check = cnn_large.check = _check

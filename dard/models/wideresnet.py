@@ -59,8 +59,6 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3,
                  sub_block1: bool = False, drop_rate: float = 0.0, normalize: bool = False):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"model.depth: WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.normalize = default_normalize(in_channels) if normalize else Normalize((0.0,) * in_channels, (1.0,) * in_channels)
@@ -91,17 +89,28 @@ class WideResNet(nn.Module):
 
 
 @register("wideresnet")
-def wideresnet(num_classes: int = 10, in_channels: int = 3, depth: int = 34, widen_factor: int = 10, **kw) -> WideResNet:
-    return WideResNet(depth, widen_factor, num_classes, in_channels, **kw)
+def wideresnet(num_classes: int = 10, in_channels: int = 3, depth: int = 34, widen_factor: int = 10,
+               sub_block1: bool = False, drop_rate: float = 0.0, normalize: bool = False) -> WideResNet:
+    return WideResNet(depth, widen_factor, num_classes, in_channels, sub_block1, drop_rate, normalize)
+
+
+def _check(depth: int = 34, widen_factor: int = 10, drop_rate: float = 0.0, **_) -> list[str]:
+    return ([] if depth >= 10 and (depth - 4) % 6 == 0 else [f"depth: WideResNet depth must be 6n+4 (e.g. 28, 34), "
+                                                             f"got {depth}"]) + \
+        ([] if widen_factor >= 1 else [f"widen_factor: must be >= 1, got {widen_factor}"]) + \
+        ([] if 0 <= drop_rate < 1 else [f"drop_rate: must be in [0, 1), got {drop_rate}"])
 
 
 @register("wrn34_10")
-def wrn34_10(num_classes: int = 10, in_channels: int = 3, **kw) -> WideResNet:
-    kw.pop("depth", None), kw.pop("widen_factor", None)
-    return WideResNet(34, 10, num_classes, in_channels, **kw)
+def wrn34_10(num_classes: int = 10, in_channels: int = 3, sub_block1: bool = False, drop_rate: float = 0.0,
+             normalize: bool = False) -> WideResNet:
+    return WideResNet(34, 10, num_classes, in_channels, sub_block1, drop_rate, normalize)
 
 
 @register("wrn28_10")
-def wrn28_10(num_classes: int = 10, in_channels: int = 3, **kw) -> WideResNet:
-    kw.pop("depth", None), kw.pop("widen_factor", None)
-    return WideResNet(28, 10, num_classes, in_channels, **kw)
+def wrn28_10(num_classes: int = 10, in_channels: int = 3, sub_block1: bool = False, drop_rate: float = 0.0,
+             normalize: bool = False) -> WideResNet:
+    return WideResNet(28, 10, num_classes, in_channels, sub_block1, drop_rate, normalize)
+
+
+wideresnet.check = wrn34_10.check = wrn28_10.check = _check
