@@ -168,8 +168,9 @@ def run_demo(s: DemoSettings) -> dict:
     students = {}
     for number, method in ((3, "dard"), (4, "sat")):
         label = "DARD" if method == "dard" else "SAT (baseline, same budget)"
-        width = f" (width {student_cfg.model.width:g})" if student_cfg.model.width != 1 else ""
-        t = _stage(number, f"{label} student {student_cfg.model.arch}{width}: Ray Train, {s.workers} DDP workers, "
+        knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in student_cfg.model.kwargs.items())
+        t = _stage(number, f"{label} student {student_cfg.model.arch}{f' ({knobs})' if knobs else ''}: Ray Train, {s.workers} DDP workers, "
                            f"{s.student_epochs} epochs")
         cfg = Config.for_dataset(s.dataset, data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
                                  run={**validation, "out_dir": str(out / method)})

@@ -28,6 +28,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         # Ray's own default for a new local cluster (a token in ~/.ray/auth_token), stated: left
         # unset, Ray warns on the console at every start that it chose it.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray's "(RayTrainWorker pid=...)" before each forwarded line: the epoch lines are dard's own.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     import ray
 
     if ray.is_initialized():
@@ -58,8 +60,34 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+RAY_ERRORS = {"RayError", "RayTaskError", "RayActorError", "TrainingFailedError", "WorkerGroupError", "TuneError"}
+
+
+class RayRunError(RuntimeError):
+    """A Ray task, actor, training or tuning run failed; the message is the failing worker's own."""
+
+
+def error_line(err: BaseException) -> str:
+    """The line a person needs from a Ray error. Ray wraps a worker's error (WorkerGroupError,
+    RayTaskError, TrainingFailedError) in a remote traceback: the worker's own error instead."""
+    from dard.logs import one_line
+
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
+    if failures:
+        return error_line(next(iter(failures.values())))
+    cause = getattr(err, "cause", None) or err.__cause__
+    if _is_ray_error(err) and cause is not None and cause is not err:
+        return error_line(cause)
+    return one_line(err)
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    return bool({c.__name__ for c in type(err).__mro__} & RAY_ERRORS)
+
+
 def owns_ray(command):
-    """Wrap a CLI command so that a Ray it started is shut down before it returns or raises.
+    """Wrap a CLI command that uses Ray: a Ray it started is shut down before it returns or raises,
+    and Ray's errors come out as :class:`RayRunError` with the failing worker's message.
 
     Then nothing a worker prints (say, on Ctrl-C) is forwarded after the command's last line;
     a Ray that was running before (a test session's, a job's cluster) is left alone.
@@ -72,6 +100,10 @@ def owns_ray(command):
         started_here = not running()
         try:
             return command(*args, **kwargs)
+        except Exception as err:
+            if _is_ray_error(err):
+                raise RayRunError(error_line(err)) from err
+            raise
         finally:
             if started_here and running():
                 sys.modules["ray"].shutdown()

@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(d) / CHECKPOINT_FILE, run.checkpoint(epoch, history))  # refuses NaN weights
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
-                print(f"[dard] {epoch_line(cfg, metrics)}", flush=True)
+                print(epoch_line(cfg, metrics), flush=True)
             ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
 
     hook: Callable | None = config.get("step_hook")
@@ -172,12 +172,15 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                              # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        from dard.cli import one_line
+    from cluster.ray_session import RayRunError, error_line
 
-        raise RuntimeError(f"distributed training failed: {one_line(result.error)}") from result.error
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train raises the workers' errors wrapped (WorkerGroupError, ...)
+        raise RayRunError(f"distributed training failed: {error_line(err)}") from err
+    if result.error:
+        raise RayRunError(f"distributed training failed: {error_line(result.error)}") from result.error
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path

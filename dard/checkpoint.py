@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dard.files import atomic_write
 from dard.models.registry import unwrap
 
 
@@ -39,10 +40,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
     path = Path(path)
     check_finite(state["model"], f"checkpoint {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+    atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint intact
     return path
 
 
@@ -75,7 +73,8 @@ def check_resumable(state: dict[str, Any], config: dict, path: str | Path) -> No
              if (section, key) not in RESUMABLE_CHANGES and saved[section].get(key) != value]
     if diffs:
         raise CheckpointError(f"{path}: --resume with a different config ({'; '.join(diffs[:3])}). Resume with the "
-                              "same settings, or use another --out / delete the checkpoint to start anew.")
+                              "same settings, or start anew elsewhere (another --out; `dard train`: another --name)"
+                              " or delete the checkpoint.")
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None) -> int:

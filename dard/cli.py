@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from dard import logs
+from dard.logs import one_line
 from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, METHODS, STEP_SCHEDULES, Config, ConfigError,
                          load_yaml, teacher_config)
 
@@ -168,9 +169,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
-    from dard.shards import ShardReader
+    from dard.data import load_splits
+    from dard.shards import PINNED_DATA, ShardReader
 
     reader = ShardReader(args.directory, check="none" if args.no_verify else "full")
+    if not args.no_verify:  # the rows against the split the manifest claims, rebuilt from its own data fields
+        m = reader.manifest
+        data = {k: v for k, v in (m.get("data") or {}).items() if k in PINNED_DATA or k == "data_dir"}
+        claimed = Config.for_dataset(m["dataset"], data=data).data
+        reader.check_rows(load_splits(claimed), m["split"], claimed.crop_padding)
     s = reader.summary()
     print(f"{s['directory']}: {s['dataset']}/{s['split']}, {s['samples']} samples x {s['views']} views = {s['rows']} rows "
           f"in {s['parts']} parts, {s['bytes'] / 1e6:.2f} MB ({s['bytes_per_row']:.0f} B/row)")
@@ -180,7 +187,8 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
     print(f"DPGD: eps {a.get('eps'):.5g}, step {a.get('step_size'):.5g}, {a.get('steps')} steps, loss {a.get('dpgd_loss')}, "
           f"schedule {a.get('dpgd_schedule')}")
     print(f"created {s['created']} by dard {s['package_version']}; checks: "
-          + ("skipped" if args.no_verify else "manifest, sizes, sha256, schema, rows all ok"))
+          + ("skipped" if args.no_verify else f"manifest, sizes, sha256, schema, rows (each the {s['split']} split's "
+                                                "sample it names) all ok"))
     if args.json:
         print(json.dumps(s, indent=2, default=str))
     return 0
@@ -227,10 +235,59 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from dard.logs import percent
+    from dard.registry import METRIC, promote, run_config, show
+    from dard.tracking import check_tracking_uri
+
+    uri = check_tracking_uri(args.tracking_uri, existing=True)
+    if args.registry_command == "promote":
+        from dard.tracking import client
+
+        run = client(uri)[0].get_run(args.run_id)
+        metric = args.metric if args.metric is not None else run.data.metrics.get(METRIC)
+        if metric is None:
+            raise ValueError(f"run {args.run_id} has no {METRIC} metric; pass --metric")
+        print(promote(uri, args.run_id, float(metric), run_config(uri, args.run_id), name=args.name).summary())
+    elif args.registry_command == "show":
+        rows = show(uri, args.name)
+        print(f"{args.name}:")
+        for r in rows:
+            value = percent(float(r[METRIC])) if r[METRIC] is not None else "-"
+            print(f"  v{r['version']:<4} {METRIC} {value}  aliases={','.join(r['aliases']) or '-'}  "
+                  f"promoted={r['promoted']}  champion at registration: {r['champion_at_registration']}  run {r['run_id']}")
+    else:  # load
+        from dard.models import save_model
+        from dard.registry import load_registered
+
+        model, header = load_registered(args.uri if args.uri.startswith("models:/") else f"models:/{args.uri}", uri)
+        save_model(args.out, model, arch=header["arch"], num_classes=header["num_classes"],
+                   in_channels=header["in_channels"], dataset=header["dataset"], arch_kwargs=header["arch_kwargs"],
+                   meta=header["meta"])
+        print(f"{args.uri} -> {args.out} ({header['arch']}, {header['dataset']})")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+
+    from dard.tracking import check_tracking_uri
+
+    uri = check_tracking_uri(args.tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl+C to stop")
+    os.execv(sys.executable, command)
+    return 0
+
+
 def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     """The CLI. ``registrars`` add subcommands (``register(subparsers)``); None: those of the
     installed ``dard.commands`` entry points (cluster/ and tuning/; dard/ never imports them)."""
+    from dard import __version__
+
     parser = argparse.ArgumentParser(prog="dard", description="Dice Adversarial Robustness Distillation")
+    parser.add_argument("--version", action="version", version=f"dard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -260,9 +317,9 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--attacks", help=f"comma list (default: all): {','.join(EVAL_ATTACKS)}")
     p.add_argument("--limit", type=int, help="evaluate the first N samples")
-    p.add_argument("--aa-limit", type=int, default=500, help="AutoAttack on the first N samples (default 500)")
-    p.add_argument("--eps", type=pixel_value)
-    p.add_argument("--step-size", type=pixel_value)
+    p.add_argument("--aa-limit", type=int, default=500, help="Square and AutoAttack on the first N samples")
+    p.add_argument("--eps", type=pixel_value, help="L-inf radius on [0,1] pixels (default: the model's training eps)")
+    p.add_argument("--step-size", type=pixel_value, help="default: the model's training step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
@@ -294,13 +351,48 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--make-sample", action="store_true", help="write a small clip of digits test images")
     p.set_defaults(func=cmd_video)
 
+    p = sub.add_parser("registry", help="MLflow model registry: promote | show | load")
+    rs = p.add_subparsers(dest="registry_command", required=True)
+    q = rs.add_parser("promote", help="register a run's model; move 'champion' only if it is better")
+    q.add_argument("--tracking-uri")
+    q.add_argument("--run-id", required=True)
+    q.add_argument("--metric", type=float, help="validation robust accuracy (default: the run's val_robust_acc)")
+    q.add_argument("--name", help="default dard-<dataset>-<arch>")
+    q = rs.add_parser("show", help="versions with metrics and aliases")
+    q.add_argument("--tracking-uri")
+    q.add_argument("name")
+    q = rs.add_parser("load", help="export a registered model to a dard model file")
+    q.add_argument("--tracking-uri")
+    q.add_argument("uri", help="NAME@ALIAS, NAME/VERSION or models:/...")
+    q.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("ui", help="open the MLflow dashboard on the tracking store")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
     p = sub.add_parser("models", help="list architectures")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("config", help="print a dataset's default run config as YAML")
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--teacher", action="store_true", help="the teacher recipe (what train-teacher trains) instead")
     p.set_defaults(func=cmd_config)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option with a default says it in ``--help`` (none for flags and unset options)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                and action.default != [] and "%(default)" not in (action.help or "") \
+                and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 class Terminated(KeyboardInterrupt):
@@ -312,10 +404,11 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 
 def _expected(err: BaseException) -> bool:
-    """Errors about the user's input or environment (one line) rather than a bug (traceback)."""
-    names = {c.__name__ for c in type(err).__mro__}
-    return isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError, ImportError)) or bool(
-        names & {"MlflowException", "RayError", "RayTaskError", "TrainingFailedError", "TuneError"})
+    """Errors about the user's input or environment (one line) rather than a bug (traceback).
+    (Ray's errors are converted where Ray is called: ``cluster.ray_session.owns_ray``.)"""
+    mlflow_error = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", ())
+    return isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError, ImportError, *(
+        (mlflow_error,) if mlflow_error else ())))
 
 
 def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
@@ -350,24 +443,6 @@ def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def one_line(err: BaseException) -> str:
-    """One line for an error. Ray wraps a worker's error (WorkerGroupError, RayTaskError), whose
-    text is a remote traceback: use the worker's own error instead."""
-    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
-    if failures:
-        return one_line(next(iter(failures.values())))
-    names = {c.__name__ for c in type(err).__mro__}
-    cause = getattr(err, "cause", None) or err.__cause__
-    if names & {"RayTaskError", "RayActorError", "TrainingFailedError", "WorkerGroupError"} and cause is not None:
-        return one_line(cause)
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if len(lines) > 1 and lines[0].startswith("Traceback"):  # a remote traceback: "ExcType: message" is last
-        return lines[-1]
-    return lines[0]
 
 
 def _main_thread() -> bool:

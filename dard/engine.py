@@ -20,6 +20,7 @@ from dard.config import AttackConfig, Config, LossConfig
 from dard.data import ArrayDataset, TrainBatch
 from dard.losses import get_loss
 from dard.models.registry import unwrap
+from dard.logs import percent
 from dard.progress import progress_bar
 from dard.seeding import seed_for
 
@@ -179,12 +180,17 @@ def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cf
 def validation_summary(cfg: Config, metrics: dict) -> str:
     """The final validation accuracies, as a command's closing line says them."""
     nan = float("nan")
-    return (f"validation natural {100 * metrics.get('val_natural_acc', nan):.1f}%, "
-            f"PGD-{cfg.run.eval_pgd_steps} {100 * metrics.get('val_pgd_acc', nan):.1f}%")
+    return (f"validation natural {percent(metrics.get('val_natural_acc', nan))}, "
+            f"PGD-{cfg.run.eval_pgd_steps} {percent(metrics.get('val_pgd_acc', nan))}")
 
 
 def epoch_line(cfg: Config, metrics: dict) -> str:
-    """The one line a person reads per epoch."""
-    keys = ("train_loss", "val_natural_acc", "val_pgd_acc", "val_robust_acc", "train_images_per_s")
-    return f"epoch {metrics['epoch'] + 1}/{cfg.optim.epochs}: " + ", ".join(
-        f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+    """The one line a person reads per epoch: loss, validation accuracies in percent, speed."""
+    k = cfg.run.eval_pgd_steps
+    parts = [f"loss {metrics['train_loss']:.3f}"] if "train_loss" in metrics else []
+    parts += [f"{label} {percent(metrics[key])}" for key, label in (
+        ("val_natural_acc", "val natural"), ("val_pgd_acc", f"PGD-{k}"), ("val_robust_acc", f"PGD-{k}+CW-{k}"))
+        if key in metrics]
+    if "train_images_per_s" in metrics:
+        parts.append(f"{metrics['train_images_per_s']:.0f} img/s")
+    return f"epoch {metrics['epoch'] + 1}/{cfg.optim.epochs}: " + ", ".join(parts)

@@ -35,6 +35,7 @@ from dard.attacks.autoattack import autoattack
 from dard.attacks.pgd import projected_gradient_attack
 from dard.attacks.registry import ATTACKS, AUTOATTACK, PROTOCOL, SQUARE, AttackParams, check_names
 from dard.engine import correct_under, predict
+from dard.logs import percent
 from dard.progress import progress_bar
 from dard.seeding import generator
 
@@ -148,11 +149,6 @@ class Report:
 CHECK_MARK = {True: "ok     ", False: "WARNING", None: "skipped"}
 
 
-def percent(fraction: float) -> str:
-    """The one console format of an accuracy: ``71.3%``."""
-    return f"{100 * fraction:.1f}%"
-
-
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
                    progress: bool = True) -> Report:
     """Run the protocol on x (N, C, H, W) in [0, 1], y (N,). Returns a :class:`Report`."""
@@ -186,7 +182,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings:
             bar.update(1, attack=name)
     report = Report(accuracy, samples, settings=asdict(settings), seconds=seconds, correct=correct,
                     autoattack=aa_record)
-    report.examples = _examples(model, x[:16], y[:16], lambda m, xb, yb: ATTACKS["pgd20"](m, xb, yb, settings))
+    report.examples = _examples(model, x[:8], y[:8], lambda m, xb, yb: ATTACKS["pgd20"](m, xb, yb, settings))
     if settings.eps_curve or settings.sanity_checks:
         report.eps_curve = eps_curve(model, x, y, settings)
     if settings.sanity_checks:

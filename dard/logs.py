@@ -1,4 +1,5 @@
-"""Console and log file: the console shows dard's own lines and errors; everything else
+"""Console and log file: the console shows dard's own lines and errors (accuracies in one format,
+:func:`percent`; errors in one line, :func:`one_line`); everything else
 (library INFO/WARNING records, Python warnings) goes to ``dard.log`` in the run folder.
 ``--verbose`` shows everything on the console as well."""
 from __future__ import annotations
@@ -9,6 +10,23 @@ import sys
 from pathlib import Path
 
 LOG_FILE = "dard.log"
+
+
+def percent(fraction: float) -> str:
+    """The one console format of an accuracy: ``71.3%``."""
+    return f"{100 * fraction:.1f}%"
+
+
+def one_line(err: BaseException) -> str:
+    """One line for an error: its first line, or the last of a traceback quoted in its text."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if len(lines) > 1 and lines[0].startswith("Traceback"):  # a remote traceback: "ExcType: message" is last
+        return lines[-1]
+    return lines[0]
+
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -21,8 +21,8 @@ from dard.data import ArrayDataset, load_splits
 from dard.engine import resolve_device
 from dard.models import file_sha256, load_teacher_for
 from dard.progress import progress_bar
-from dard.shards import (finished_part, fingerprint, make_manifest, resolve, write_manifest, write_part,
-                         write_part_record)
+from dard.files import resolve
+from dard.shards import finished_part, fingerprint, make_manifest, write_manifest, write_part, write_part_record
 from dard.soft_labels import compute_part, plan_parts
 
 log = logging.getLogger("dard")

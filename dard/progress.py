@@ -1,4 +1,5 @@
-"""Progress bars (tqdm to stderr) that can be switched off for tests and Ray workers."""
+"""Progress bars (tqdm to stderr), drawn only on a terminal: switched off for tests, Ray workers,
+and whenever stderr is a file or a pipe (``dard demo 2>&1 | tee log`` gets no ``\r`` frames)."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ class _Bar:
     def __init__(self, total: int | None, desc: str, enabled: bool, tick: float | None = None):
         self._bar = None
         self._stop = threading.Event()
-        if enabled:
+        if enabled and _terminal():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -41,6 +42,11 @@ class _Bar:
         self._stop.set()
         if self._bar is not None:
             self._bar.close()
+
+
+def _terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 @contextmanager

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dard.config import Config, from_dict
-from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, TrackingError, absolute_uri, check_tracking_uri
+from dard.logs import percent
+from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, TrackingError, check_tracking_uri
+from dard.tracking import client as tracking_client
 
 ALIAS = "champion"
 METRIC = "val_robust_acc"
@@ -40,15 +42,11 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
     the run config from the version's tags written at registration.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
-
     spec = model_uri[len("models:/"):]
     if "@" not in spec and "/" not in spec:
         raise TrackingError(f"{model_uri}: name an alias or a version, e.g. models:/{spec}@champion or models:/{spec}/1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = check_tracking_uri(tracking_uri, existing=True)  # unreachable: fails at once, no retries
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    client, uri = tracking_client(check_tracking_uri(tracking_uri, existing=True))  # unreachable: fails at once
     try:
         if "@" in spec:
             name, alias = spec.split("@", 1)
@@ -92,13 +90,13 @@ class Promotion:
 
     def summary(self) -> str:
         """One line: the version registered and what it did to the champion alias."""
-        head = f"registered {self.name} v{self.version} ({METRIC} {100 * self.metric:.2f}%)"
+        head = f"registered {self.name} v{self.version} ({METRIC} {percent(self.metric)})"
         if self.already_registered:
             return f"{head}: already registered; nothing changed"
         if self.moved:
-            return f"{head}: the new champion" + (f" (was v{self.previous_champion}, {100 * self.previous_metric:.2f}%)"
+            return f"{head}: the new champion" + (f" (was v{self.previous_champion}, {percent(self.previous_metric)})"
                                                   if self.previous_champion else "")
-        return (f"{head}: did not beat champion v{self.previous_champion} ({100 * self.previous_metric:.2f}%); "
+        return (f"{head}: did not beat champion v{self.previous_champion} ({percent(self.previous_metric)}); "
                 "alias unchanged")
 
 
@@ -109,10 +107,7 @@ def model_name(cfg) -> str:
 def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None = None) -> Promotion:
     """Register the model logged in ``run_id`` (artifact ``model``) and move the alias if better."""
     import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(absolute_uri(tracking_uri))
-    client = MlflowClient()
+    client, _ = tracking_client(tracking_uri)
     name = name or model_name(cfg)
     try:
         earlier = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("dard.run_id") == run_id]
@@ -135,7 +130,7 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
         pass  # no champion yet
     moved = previous is None or metric > previous_metric
     client.set_model_version_tag(name, version, "champion_at_registration",
-                                 "none" if previous is None else f"v{previous} ({METRIC} {previous_metric:.6f})")
+                                 "none" if previous is None else f"v{previous} ({METRIC} {percent(previous_metric)})")
     if moved:
         client.set_registered_model_alias(name, ALIAS, version)
     client.set_model_version_tag(name, version, "promoted", str(moved).lower())
@@ -144,12 +139,9 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
 
 def show(tracking_uri: str, name: str) -> list[dict]:
     """Versions of ``name`` with their metrics and aliases, newest first."""
-    from mlflow.tracking import MlflowClient
-
     import mlflow
 
-    uri = check_tracking_uri(tracking_uri, existing=True)
-    client = MlflowClient(tracking_uri=uri)
+    client, uri = tracking_client(check_tracking_uri(tracking_uri, existing=True))
     try:
         model = client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as err:
@@ -169,9 +161,7 @@ def show(tracking_uri: str, name: str) -> list[dict]:
 
 def run_config(tracking_uri: str, run_id: str) -> Config:
     """The config a run was trained with (its ``dard.config`` tag, validated); for promoting a run by id."""
-    from mlflow.tracking import MlflowClient
-
-    tags = MlflowClient(tracking_uri=absolute_uri(tracking_uri)).get_run(run_id).data.tags
+    tags = tracking_client(tracking_uri)[0].get_run(run_id).data.tags
     if CONFIG_TAG not in tags:
         raise TrackingError(f"run {run_id} has no {CONFIG_TAG} tag: it was not logged by dard's training or sweep")
     return from_dict(json.loads(tags[CONFIG_TAG]))

@@ -59,14 +59,14 @@ def plot_examples(ex: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     n = len(ex["y"])
-    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 3.0), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(1.25 * n, 3.4), dpi=110, squeeze=False)
     for row, (key, pred, conf) in enumerate((("x", "pred", "conf"), ("x_adv", "pred_adv", "conf_adv"))):
         for i in range(n):
             ax = axes[row][i]
             img = ex[key][i].permute(1, 2, 0).numpy()
             ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ok = int(ex[pred][i]) == int(ex["y"][i])
-            ax.set_title(f"true {int(ex['y'][i])}\npred {int(ex[pred][i])} ({100 * float(ex[conf][i]):.0f}%)", fontsize=7,
+            ax.set_title(f"true {int(ex['y'][i])}\npred {int(ex[pred][i])} ({100 * float(ex[conf][i]):.0f}%)", fontsize=9,
                          color="black" if ok else "red")
             ax.axis("off")
     axes[0][0].text(-0.6, 0.5, "natural", transform=axes[0][0].transAxes, rotation=90, va="center", fontsize=8)
@@ -88,7 +88,8 @@ def write_html(report: Report, paths: dict[str, Path], path: Path) -> Path:
         data = base64.b64encode(Path(paths[key]).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
-    from dard.evaluate import CHECK_MARK, percent
+    from dard.evaluate import CHECK_MARK
+    from dard.logs import percent
 
     e = html.escape
     rows = "".join(f"<tr><td>{e(n)}</td><td>{percent(a)}</td><td>{report.samples[n]}</td></tr>"

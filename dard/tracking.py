@@ -68,6 +68,19 @@ def check_tracking_uri(uri: str | None, timeout_s: float = 5.0, existing: bool =
     raise TrackingError(f"tracking URI {uri!r}: unsupported scheme; use sqlite:///PATH, http(s)://HOST:PORT")
 
 
+def client(uri: str | None = None):
+    """The one way dard talks to MLflow: an ``MlflowClient`` on ``uri`` (else the default store),
+    made absolute (Ray workers run in another directory). It is also set as the process's tracking
+    URI, for the few MLflow calls that take no client (``log_model``, ``register_model``,
+    ``download_artifacts``). Returns (client, the absolute URI)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = absolute_uri(uri or default_tracking_uri())
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri), uri
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -136,14 +149,10 @@ class EpochLogger:
         import mlflow
 
         self.mlflow = mlflow
-        uri = absolute_uri(tracking["uri"])
-        mlflow.set_tracking_uri(uri)
+        self.client, uri = client(tracking["uri"])
         tags = {**system_tags(cfg), **(tracking.get("tags") or {})}
         if tracking.get("parent_run_id"):
             tags["mlflow.parentRunId"] = tracking["parent_run_id"]
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient()
         if tracking.get("run_id"):
             self.run_id = tracking["run_id"]  # resume logging into an existing run
         else:
@@ -178,13 +187,12 @@ def resumable_run(tracking_uri: str, marker: Path) -> str | None:
     if not marker.is_file():
         return None
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
         run_id = json.loads(marker.read_text())["run_id"]
-        client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
-        if client.get_run(run_id).info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
+        store, _ = client(tracking_uri)
+        if store.get_run(run_id).info.status != "RUNNING":
+            store.update_run(run_id, status="RUNNING")
         return run_id
     except (MlflowException, KeyError, ValueError, OSError):
         return None
@@ -206,7 +214,7 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
     from dard.models import load_model
 
     if tracking_uri:
-        mlflow.set_tracking_uri(absolute_uri(tracking_uri))
+        client(tracking_uri)
     model, _ = load_model(model_path)
     x = example_input[:2].cpu()
     with torch.no_grad():
@@ -226,13 +234,8 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
 def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,
                          metrics: dict[str, float] | None = None, prefix: str = "test_") -> None:
     """Robustness report files as artifacts, its accuracies as ``<prefix><attack>_acc`` metrics."""
-    from mlflow.tracking import MlflowClient
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(absolute_uri(tracking_uri))
-    client = MlflowClient()
+    store, _ = client(tracking_uri)
     for p in paths.values():
-        client.log_artifact(run_id, str(p), artifact_path="robustness")
+        store.log_artifact(run_id, str(p), artifact_path="robustness")
     for k, v in (metrics or {}).items():
-        client.log_metric(run_id, f"{prefix}{k}_acc", float(v))
+        store.log_metric(run_id, f"{prefix}{k}_acc", float(v))

@@ -80,7 +80,9 @@ def with_online_teacher(source: Callable[[int], Iterator[TrainBatch]],
 
 
 def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full"):
-    """A :class:`ShardReader` checked against the run (dataset, classes, eps, teacher if given)."""
+    """A :class:`ShardReader` checked against the run: dataset, classes, the pinned data and attack
+    fields, the teacher if given; with ``check="full"`` also every part's sha256 and every row
+    against the run's own training split (:meth:`ShardReader.check_rows`), whatever the manifest says."""
     from dard.shards import ShardReader
 
     reader = ShardReader(directory, check=check)
@@ -90,6 +92,8 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
                             teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
     if reader.manifest["split"] != "train":
         raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
+    if check == "full":
+        reader.check_rows(load_splits(cfg.data), "train", cfg.data.crop_padding)
     return reader
 
 

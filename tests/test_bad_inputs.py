@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cluster.precompute import precompute
-from dard.cli import main, one_line
+from dard.cli import main
 from dard.models import NonFiniteWeightsError, build, save_model
 from tests.conftest import digits_config
 
@@ -169,7 +169,9 @@ def test_worker_errors_come_out_as_their_own_line():
             super().__init__("Training failed due to worker errors:\n[Rank 0]\nTraceback ...\n  File x\nlong ...")
             self.worker_failures = {0: ValueError("optim.batch_size 64 is not divisible by 3 workers")}
 
-    assert one_line(WorkerGroupError()) == "optim.batch_size 64 is not divisible by 3 workers"
+    from cluster.ray_session import error_line
+
+    assert error_line(WorkerGroupError()) == "optim.batch_size 64 is not divisible by 3 workers"
 
 
 # ---- 3. faults ---------------------------------------------------------------------------------------

@@ -32,13 +32,13 @@ def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, cap
         return capsys.readouterr().out
 
     name = "dard-digits-cnn_small"
-    assert f"registered {name} v1 ({METRIC} 50.00%): the new champion" in promote(first)
-    assert "did not beat champion v1 (50.00%); alias unchanged" in promote(worse)
+    assert f"registered {name} v1 ({METRIC} 50.0%): the new champion" in promote(first)
+    assert "did not beat champion v1 (50.0%); alias unchanged" in promote(worse)
     assert "already registered; nothing changed" in promote(first)  # one run is one version
     versions = show(uri, name)
     assert [(str(v["version"]), v["aliases"]) for v in versions] == [("2", []), ("1", ["champion"])]
     assert versions[0]["champion_at_registration"].startswith("v1") and versions[0]["promoted"] == "false"
-    assert "the new champion (was v1, 50.00%)" in promote(better)
+    assert "the new champion (was v1, 50.0%)" in promote(better)
     assert [(str(v["version"]), v["aliases"]) for v in show(uri, name)][0] == ("3", ["champion"])
 
     # the version carries the run's config (from its params), so it evaluates as trained

@@ -178,3 +178,30 @@ def test_dard_builds_shards_without_ray_or_cluster(teacher_path, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["40", "[0,", "1]"]
     assert verify(str(tmp_path / "s"))["rows"] == 40
+
+
+def test_rows_are_checked_against_the_runs_split_whatever_the_manifest_says(teacher_path, tmp_path, capsys):
+    """Test-split shards whose manifest was edited to say 'train' (or another split seed) are refused
+    by their rows, naming the split the rows really are; `dard shards inspect` says so too."""
+    from dard.cli import main
+    from dard.training import open_shards
+
+    cfg = digits_config(tmp_path, attack={"steps": 2})
+    precompute(cfg, teacher_path, str(tmp_path / "t"), views=1, split="test", use_ray=False)
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps({**manifest, "split": "train"}))
+    with pytest.raises(ShardError, match=r"not the run's train samples \(they are its 'test' split; the manifest "
+                                         r"says 'train'\)"):
+        open_shards(str(tmp_path / "t"), cfg)
+    assert main(["shards", "inspect", str(tmp_path / "t")]) == 2
+    assert "they are its 'test' split" in capsys.readouterr().err
+    # train shards of split seed 0 claimed for a run with split seed 1: the rows are nobody's
+    precompute(cfg, teacher_path, str(tmp_path / "s0"), views=1, use_ray=False)
+    manifest = json.loads((tmp_path / "s0" / "manifest.json").read_text())
+    manifest["data"]["split_seed"] = 1
+    (tmp_path / "s0" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="match none of the run's splits"):
+        open_shards(str(tmp_path / "s0"), cfg.updated(data={"split_seed": 1}))
+    assert main(["distill", "--shards", str(tmp_path / "s0"), "--set", "data.split_seed=1", "--steps", "2",
+                 "--epochs", "1", "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x-run").exists()

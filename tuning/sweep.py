@@ -24,7 +24,8 @@ from typing import Any
 
 from dard.config import Config
 from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
-from dard.tracking import EpochLogger, absolute_uri, check_tracking_uri, log_model
+from dard.tracking import EpochLogger, check_tracking_uri, log_model
+from dard.tracking import client as tracking_client
 from tuning.space import apply, load_space, to_tune, validate_space
 
 log = logging.getLogger("dard")
@@ -66,7 +67,7 @@ def _ended_trials_callback():
             self.live.discard(trial.trial_id)
             result = trial.last_result or {}
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in trial.config.items() if k not in ("_ctx", "method"))
+                               for k, v in trial.config.items() if k != "method")
             score = f"{100 * result[OBJECTIVE]:.1f}%" if OBJECTIVE in result else "n/a"
             print(f"trial {trial.trial_id}: {result.get('training_iteration', 0)} epochs, "
                   f"validation robust accuracy {score} ({params})", flush=True)
@@ -78,8 +79,10 @@ def _ended_trials_callback():
     return EndedTrials()
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: apply the point, train with DDP, log to an MLflow child run."""
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: apply the point ``config`` (the sampled parameters), train with DDP, log to
+    an MLflow child run. ``ctx``: the sweep's fixed context (run config, shards, storage, tracking),
+    bound with ``tune.with_parameters``."""
     import ray.tune
     from mlflow.entities import Param
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -87,8 +90,7 @@ def _trial(config: dict[str, Any]) -> None:
     from cluster.train import train_distributed
     from dard.config import from_dict
 
-    ctx = config["_ctx"]
-    params = {k: v for k, v in config.items() if k != "_ctx"}
+    params = dict(config)
     cfg = apply(from_dict(ctx["run"]), params)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = cfg.updated(run={"out_dir": str(Path(ctx["storage"]) / "trials" / trial_id)})
@@ -161,19 +163,19 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
            "workers": workers_per_trial, "use_gpu": use_gpu, "storage": str(experiment_path),
            "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
            "cpus_per_worker": cpus_per_worker}
-    trainable = tune.with_resources(_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     watcher = _ended_trials_callback()
     tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
     if resume:
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space={**to_tune(space_dict), "_ctx": ctx})
+                                   resume_errored=True, param_space=to_tune(space_dict))
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
         restored = tuner._local_tuner.get_run_config()
         restored.callbacks, restored.verbose = [watcher], tune_verbose
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={**to_tune(space_dict), "_ctx": ctx},
+            param_space=to_tune(space_dict),
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=max_concurrent,
                 # Optuna needs at least one distribution; an all-fixed space just runs that point.
@@ -207,7 +209,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs (epochs reached: {seen}; "
                            f"errors: {errors}); see {experiment_path}")
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
-    best_params = {k: v for k, v in best.config.items() if k != "_ctx"}
+    best_params = dict(best.config)
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
     _close_children(uri, parent_run_id, finished_ids)
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
@@ -251,9 +253,7 @@ def _close_children(uri: str, parent_run_id: str, finished_trials: set[str], kil
     The sweep decides, not the trial: Tune stops a trial as soon as it reports its last epoch,
     which can interrupt the trial function before its worker closes the run (it then closes
     it KILLED)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    client, _ = tracking_client(uri)
     runs = child_runs(uri, parent_run_id)
     done = {r.info.run_id for tid, r in _newest_child_per_trial(runs).items() if tid in finished_trials}
     for run in runs:
@@ -269,9 +269,7 @@ def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | 
 
 
 def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict, trials: int) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    client, _ = tracking_client(uri)
     for k, v in params.items():
         client.set_tag(parent_run_id, f"best.{k}", str(v))
     for k in (OBJECTIVE, "val_pgd_acc", "val_natural_acc"):
@@ -283,8 +281,6 @@ def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict,
 
 def child_runs(uri: str, parent_run_id: str) -> list:
     """The sweep's trial runs (for `dard registry`, tests and reports)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=absolute_uri(uri))
+    client, _ = tracking_client(uri)
     parent = client.get_run(parent_run_id)
     return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")

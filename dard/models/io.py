@@ -10,13 +10,15 @@ most research repos save them (a ``module.`` prefix from DataParallel is strippe
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dard.files import atomic_write
+from dard.files import sha256 as file_sha256
 
 from dard.models.registry import build, unwrap
 
@@ -42,15 +44,12 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
 def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
                dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     check_finite(model.state_dict(), f"model for {path}")
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written model file
+    atomic_write(path, lambda f: torch.save(payload, f))  # a crash never leaves a half-written model file
     return path
 
 
@@ -65,14 +64,6 @@ def read_file(path: str | Path, data: bytes | None = None) -> Any:
     except Exception as err:  # corrupt zip, pickled classes, truncated file
         raise ModelFileError(f"{path}: cannot be read as a weights-only PyTorch file ({type(err).__name__}: {err}). "
                              "Save models with torch.save(model.state_dict(), path) or `dard train-teacher`.") from err
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -1,0 +1,49 @@
+"""Files that must never be seen half-written, and their checksums, on a local disk or any
+pyarrow filesystem URI (``s3://...``, ``gs://...``): model files, checkpoints, shard parts and
+manifests all go through here."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a pyarrow-supported URI."""
+    text = str(uri)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def sha256(uri: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    fs, path = resolve(uri)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(uri: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(stream)`` into a temporary file beside ``uri``, then rename it into place: a crash
+    leaves the previous file (or none), never a partial one. Creates the folder."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{time.time_ns()}"
+    with fs.open_output_stream(tmp) as stream:
+        write(stream)
+    fs.move(tmp, path)
