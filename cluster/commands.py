@@ -28,12 +28,15 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 @owns_ray
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.train import train_distributed
+    from cluster.train import check_scaling, train_distributed
     from dard.engine import validation_summary
+    from dard.training import open_shards
 
+    check_scaling(args.workers, args.max_failures)
     cfg = build_config(args)
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
+    open_shards(args.shards, cfg, args.teacher, check="full")  # refused here: no MLflow run, nothing written
     to_file(cfg.run.out_dir)
     tracking = None
     logger = None
@@ -55,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
-                                   out=args.out, teacher_path=args.teacher, tracking=tracking)
+                                   out=args.out, teacher_path=args.teacher, tracking=tracking, check="fast")
     except BaseException as err:
         if logger is not None:
             logger.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
@@ -35,6 +37,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     if ray.is_initialized():
         return ray
     kwargs = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "warning"}
+    # ray.init replaces the process's SIGTERM handler with sys.exit, which tears Ray down under a
+    # running call (a native abort, exit 134) before dard's handler can close its runs: keep ours.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     if address is not None:
         ray.init(address=address, **kwargs)
     else:
@@ -42,6 +48,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  object_store_memory=1_000_000_000,
                  runtime_env={"worker_process_setup_hook": "cluster.ray_session.address_own_cluster"}, **kwargs)
+    if main_thread and sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     return ray
 
 

@@ -119,6 +119,16 @@ def run_storage(cfg: Config, storage_path: str | None = None) -> str:
     return storage if "://" in storage else str(Path(storage).absolute())
 
 
+def check_scaling(workers: int, max_failures: int, cpus_per_worker: float | None = None) -> None:
+    """ValueError naming every scaling option that cannot run (before anything starts or is written)."""
+    problems = [f"{flag}: must be >= {low}, got {value}" for flag, value, low in (
+        ("--workers", workers, 1), ("--max-failures", max_failures, 0)) if value < low]
+    if cpus_per_worker is not None and not cpus_per_worker > 0:
+        problems.append(f"cpus per worker: must be > 0, got {cpus_per_worker}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 @dataclass
 class DistributedResult:
     metrics: dict[str, Any]
@@ -133,17 +143,20 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
                       placement_strategy: str = "PACK", callbacks: list | None = None,
-                      step_hook: Callable | None = None) -> DistributedResult:
+                      step_hook: Callable | None = None, check: str = "full") -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
     fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``callbacks``: Ray Train
     user callbacks (a Tune trial passes ``TuneReportCallback``). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file.
+    ``check``: how the shards are verified here (``full``: checksums and rows; ``fast`` when the
+    caller just did that).
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
 
-    open_shards(shards, cfg, teacher_path, check="full")  # fail on the driver, before any worker starts
+    check_scaling(workers, max_failures, cpus_per_worker)
+    open_shards(shards, cfg, teacher_path, check=check)  # on the driver, before any worker starts
     ensure_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -24,6 +24,7 @@ gradient attacks, zero gradients, target classes) are kept as the report's ``aut
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -64,11 +65,19 @@ class EvalSettings(AttackParams):
     num_classes: int = 10
 
     def __post_init__(self) -> None:
+        """Refuses values that would make a report meaningless, naming the option."""
         check_names(self.attacks, what="--attacks")
-        for name in ("limit", "autoattack_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name.replace('autoattack_limit', 'aa-limit')}: must be >= 1 (samples), got {value}")
+        problems = [f"{name.replace('autoattack_limit', 'aa-limit')}: must be >= 1 (samples), got {value}"
+                    for name in ("limit", "autoattack_limit") if (value := getattr(self, name)) is not None and value < 1]
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 <= self.eps <= 1):
+            problems.append(f"eps: must be in [0, 1] (pixels in [0, 1], e.g. 8/255), got {self.eps}")
+        if not (isinstance(self.step_size, (int, float)) and math.isfinite(self.step_size) and self.step_size > 0):
+            problems.append(f"step-size: must be > 0, got {self.step_size}")
+        problems += [f"{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}"
+                     for name, low in (("square_queries", 1), ("batch_size", 1), ("num_classes", 2))
+                     if getattr(self, name) < low]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def for_config(cls, cfg: Config, *, eps: float | None = None, step_size: float | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dard.config import Config, from_dict
 from dard.logs import percent
-from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, TrackingError, check_tracking_uri
+from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, MODEL_SHA256_TAG, TrackingError, check_tracking_uri
 from dard.tracking import client as tracking_client
 
 ALIAS = "champion"
@@ -59,7 +59,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
                             "see `dard registry show NAME`") from err
     import tempfile
 
-    from dard.models import load_model
+    from dard.models import file_sha256, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -70,7 +70,18 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
         if not weights.is_file():
             raise TrackingError(f"{model_uri}: holds no {MODEL_ARTIFACT} (registered by another tool or an older "
                                 "dard?); dard loads registry models only from that weights-only file")
+        # the file must be the one registered: its digest (and then its architecture) as recorded
+        expected, actual = version.tags.get(MODEL_SHA256_TAG), file_sha256(weights)
+        if not expected:
+            raise TrackingError(f"{model_uri}: registered without the sha256 of its weights (an older dard?); "
+                                "promote its run again with `dard registry promote`")
+        if actual != expected:
+            raise TrackingError(f"{model_uri}: {MODEL_ARTIFACT} has sha256 {actual[:12]}..., the registration recorded "
+                                f"{expected[:12]}...: the file was replaced after registration; not loading it")
         model, file_header = load_model(weights)  # weights_only: nothing in the registry is unpickled
+        if version.tags.get("dard.arch") not in (None, file_header["arch"]):
+            raise TrackingError(f"{model_uri}: its weights are a {file_header['arch']}, the registration says "
+                                f"{version.tags['dard.arch']}; not loading it")
     config = json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None
     header = {**file_header, "format": "registry", "run_id": version.run_id,
               "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
@@ -116,10 +127,14 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
     if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
         v = earlier[0]
         return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
+    digest = client.get_run(run_id).data.tags.get(MODEL_SHA256_TAG)
+    if not digest:
+        raise TrackingError(f"run {run_id}: its model was logged without the sha256 of its weights ({MODEL_SHA256_TAG}"
+                            " tag; a run of an older dard, or no model logged): nothing to register")
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
         version = mlflow.register_model(f"runs:/{run_id}/model", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
-            CONFIG_TAG: json.dumps(cfg.to_dict()), "dard.run_id": run_id}
+            CONFIG_TAG: json.dumps(cfg.to_dict()), "dard.run_id": run_id, MODEL_SHA256_TAG: digest}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     previous, previous_metric = None, None

@@ -78,7 +78,30 @@ def client(uri: str | None = None):
 
     uri = absolute_uri(uri or default_tracking_uri())
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        _create_once(uri, Path(uri[len("sqlite:///"):]))
+        _READY.add(uri)
     return MlflowClient(tracking_uri=uri), uri
+
+
+_READY: set[str] = set()  # sqlite stores this process has seen created and migrated
+
+
+def _create_once(uri: str, db: Path) -> None:
+    """MLflow creates and migrates a sqlite store on first use, with no lock: N runs starting together
+    on a new store race (all but one die in a migration). One process at a time, then, under an
+    exclusive lock on ``<db>.lock`` beside it; later users find the schema ready."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit() -> str | None:
@@ -179,6 +202,7 @@ class EpochLogger:
 
 
 MODEL_ARTIFACT = "dard-model.pt"
+MODEL_SHA256_TAG = "dard.model_sha256"  # the logged weights file's digest; registration copies it, loading checks it
 
 
 def resumable_run(tracking_uri: str, marker: Path) -> str | None:
@@ -211,7 +235,7 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
     from mlflow.models import infer_signature
 
     import dard
-    from dard.models import load_model
+    from dard.models import file_sha256, load_model
 
     if tracking_uri:
         client(tracking_uri)
@@ -226,9 +250,11 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
         # Stated, not inferred: inference runs a subprocess that imports the model (~7 s a model).
         requirements = [f"mlflow=={mlflow.__version__}", f"dard=={dard.__version__}",
                         f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
                                        artifacts={"dard_model": str(copy)}, signature=signature,
                                        registered_model_name=registered_name, pip_requirements=requirements)
+        client(tracking_uri)[0].set_tag(run_id, MODEL_SHA256_TAG, file_sha256(copy))
+        return info
 
 
 def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,

@@ -60,6 +60,14 @@ def test_shards_of_another_split_or_attack_are_refused(shards, tmp_path, capsys)
     assert main(distill_args(shards, out)) == 0 and out.exists()  # the matching run trains
 
 
+def test_a_refused_ray_training_writes_nothing(shards, tmp_path, monkeypatch, capsys):
+    """`dard train` checks its shards before it opens an MLflow run or a run folder."""
+    monkeypatch.chdir(tmp_path)  # the default tracking store, ./mlflow.db, would land here
+    fails(["train", "--shards", shards, "--set", "data.split_seed=1", "--out", str(tmp_path / "s.pt"),
+           "--run-dir", str(tmp_path / "r")], capsys, "data.split_seed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_non_finite_numbers_never_reach_a_file(tmp_path, capsys):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({"optim": {"weight_decay": float("inf")}}))
@@ -112,6 +120,14 @@ def test_empty_splits_limits_and_mismatched_resume_are_errors(tmp_path, capsys):
     fails([*base, "--epochs", "3", "--resume"], capsys, "optim.epochs")
     fails(["evaluate", "--model", out, "--limit", "-5"], capsys, "limit")
     fails(["evaluate", "--model", out, "--limit", "0"], capsys, "limit")
+    # numbers that mean nothing: refused where the settings are built, before any attack or file
+    for flags, needle in ((["--eps", "-1"], "eps: must be in [0, 1]"), (["--eps", "5"], "eps: must be in [0, 1]"),
+                          (["--step-size", "-0.1"], "step-size: must be > 0")):
+        fails(["evaluate", "--model", out, *flags, "--out-dir", str(tmp_path / "ev")], capsys, needle)
+    assert not (tmp_path / "ev").exists()
+    fails([*base, "--set", "optim.grad_clip=-1"], capsys, "optim.grad_clip: must be > 0")  # -1 is gradient ascent
+    fails(["train", "--shards", str(tmp_path), "--workers", "0", "--max-failures", "-5", "--out", out], capsys,
+          "--workers: must be >= 1, got 0", "--max-failures: must be >= 0, got -5")
 
 
 # ---- 2. tracebacks where one line is promised ------------------------------------------------------
@@ -218,9 +234,14 @@ def test_tampered_registry_entry_cannot_run_code(tmp_path, monkeypatch, capsys):
 
     stored = [f for f in tmp_path.rglob("dard-model.pt") if "mlruns" in f.parts]
     assert stored
+    for f in stored:  # a valid model file of another architecture, dropped in place of the registered one
+        save_model(f, build("cnn_medium", 10, 1), arch="cnn_medium", num_classes=10, in_channels=1, dataset="digits")
+    fails(["evaluate", "--model", f"models:/{p.name}@champion", "--tracking-uri", uri], capsys,
+          "replaced after registration")
     for f in stored:
         torch.save({"format": "dard-model/1", "x": Payload()}, f)  # a pickle that runs code when unpickled
-    fails(["evaluate", "--model", f"models:/{p.name}@champion", "--tracking-uri", uri], capsys, "weights-only")
+    fails(["evaluate", "--model", f"models:/{p.name}@champion", "--tracking-uri", uri], capsys,
+          "replaced after registration")
     assert not marker.exists()
 
 

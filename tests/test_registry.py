@@ -56,3 +56,42 @@ def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no dard.config tag" in err
     assert len(show(uri, name)) == 3
+
+
+def _one_run(uri: str, index: int, results) -> None:
+    """A training's first contact with the store (a forked process: MLflow is already imported)."""
+    try:
+        from dard.tracking import EpochLogger
+
+        logger = EpochLogger({"uri": uri, "experiment": "together", "run_name": f"run-{index}"},
+                             Config.for_dataset("digits"))
+        logger.log({METRIC: 0.5}, step=0)
+        logger.close()
+        results.put((index, "ok"))
+    except BaseException as err:  # noqa: BLE001 -- reported to the test
+        results.put((index, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+
+
+def test_four_runs_starting_together_on_a_new_sqlite_store_all_succeed(tmp_path):
+    """MLflow creates and migrates a new sqlite store on first use, unlocked: without dard's lock
+    three of four simultaneous first users die in a migration."""
+    import multiprocessing as mp
+
+    import mlflow  # noqa: F401 -- imported before the fork, so the four start at once
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    (tmp_path / "new").mkdir()
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_one_run, args=(uri, i, results)) for i in range(4)]
+    for p in procs:
+        p.start()
+    outcome = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert outcome == {i: "ok" for i in range(4)}, outcome
+    from dard.tracking import client
+
+    store, _ = client(uri)
+    experiment = store.get_experiment_by_name("together")
+    assert len(store.search_runs([experiment.experiment_id])) == 4

@@ -1,5 +1,6 @@
 """Sweeps end to end: MLflow parent/child runs, registry champion logic, resume, early errors."""
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -79,6 +80,22 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     assert not client.search_registered_models()
     finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
     assert len(finished_before) == 1
+
+    # Tune unpickles the sweep folder on restore: a tampered tuner.pkl is refused before it is read
+    folder = sweep_env["dir"] / "run" / "sweeps" / "first"
+    tuner_pkl = folder / "tuner.pkl"
+    original, marker = tuner_pkl.read_bytes(), tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    tuner_pkl.write_bytes(pickle.dumps(Payload()))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "changed, added or removed since the sweep stopped (first: tuner.pkl)" in capsys.readouterr().err
+    assert not marker.exists()
+    tuner_pkl.write_bytes(original)
 
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,9 @@ would reward the small logit margins of distilled students, which AutoAttack the
 
 MLflow: one parent run per sweep, one child run per trial (params, per-epoch metrics, the
 student with a signature). ``--resume`` continues an interrupted sweep (``Tuner.restore``):
-finished trials are kept, unfinished ones re-run, and the parent run is reused.
+finished trials are kept, unfinished ones re-run, and the parent run is reused. Tune unpickles
+its folder on restore, so the folder is sealed when a sweep stops and checked before a resume
+(``tuning/sealed_state.py``).
 
 Resources: one trial at a time on a laptop (``max_concurrent`` defaults to what the cluster
 fits: GPUs // workers_per_trial, or 1 without GPUs); the trial's own driver takes 0.01 CPU.
@@ -26,6 +28,7 @@ from dard.config import Config
 from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
 from dard.tracking import EpochLogger, check_tracking_uri, log_model
 from dard.tracking import client as tracking_client
+from tuning.sealed_state import check_sealed, seal
 from tuning.space import apply, load_space, to_tune, validate_space
 
 log = logging.getLogger("dard")
@@ -167,6 +170,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     watcher = _ended_trials_callback()
     tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
     if resume:
+        check_sealed(experiment_path, tracking_client(uri)[0], parent_run_id)  # before Tune unpickles anything
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=to_tune(space_dict))
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
@@ -188,6 +192,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
                                       verbose=tune_verbose,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
+    seal(experiment_path, tracking_client(uri)[0], parent_run_id)  # what a --resume may hand back to Tune
     # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped
     # trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
     # registered or closed, so `--resume` continues the same sweep.
