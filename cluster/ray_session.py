@@ -1,6 +1,7 @@
 """Starting or joining Ray: loopback-only when we start it ourselves (docs/design.md §5, security)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -37,20 +38,37 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     if ray.is_initialized():
         return ray
     kwargs = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "warning"}
-    # ray.init replaces the process's SIGTERM handler with sys.exit, which tears Ray down under a
-    # running call (a native abort, exit 134) before dard's handler can close its runs: keep ours.
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if address is not None:
-        ray.init(address=address, **kwargs)
-    else:
-        # address="local": always a fresh local Ray, never one that a `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 object_store_memory=1_000_000_000,
-                 runtime_env={"worker_process_setup_hook": "cluster.ray_session.address_own_cluster"}, **kwargs)
-    if main_thread and sigterm is not None:
-        signal.signal(signal.SIGTERM, sigterm)
+    with _signals_after_init():
+        if address is not None:
+            ray.init(address=address, **kwargs)
+        else:
+            # address="local": always a fresh local Ray, never one that a `ray start` left on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     object_store_memory=1_000_000_000,
+                     runtime_env={"worker_process_setup_hook": "cluster.ray_session.address_own_cluster"}, **kwargs)
     return ray
+
+
+@contextlib.contextmanager
+def _signals_after_init():
+    """Ctrl-C while ``ray.init`` starts Ray's processes leaves a half-started Ray whose teardown
+    crashes the interpreter (SIGSEGV instead of exit 130): hold SIGINT until init returns, then
+    deliver it. And ray.init replaces the process's SIGTERM handler with ``sys.exit``, which tears
+    Ray down under a running call (a native abort, exit 134) before dard can close its runs: the
+    handler the process had is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        signal.raise_signal(pending[0])  # now, to the handler the process had
 
 
 def address_own_cluster() -> None:

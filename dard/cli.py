@@ -399,16 +399,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so ``finally`` blocks run (runs closed, nothing half-written)."""
 
 
+_SIGTERM_RECEIVED: list[bool] = []  # libraries (Ray Train's fit) may re-raise our Terminated as a plain KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001
+    _SIGTERM_RECEIVED.append(True)
     raise Terminated()
 
 
 def _expected(err: BaseException) -> bool:
     """Errors about the user's input or environment (one line) rather than a bug (traceback).
     (Ray's errors are converted where Ray is called: ``cluster.ray_session.owns_ray``.)"""
-    mlflow_error = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", ())
-    return isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError, ImportError, *(
-        (mlflow_error,) if mlflow_error else ())))
+    # the tracking store's errors (MLflow's, and its database's: a full disk, a locked file)
+    stores = tuple(cls for module, name in (("mlflow.exceptions", "MlflowException"), ("sqlalchemy.exc", "SQLAlchemyError"))
+                   if (cls := getattr(sys.modules.get(module), name, None)) is not None)
+    return isinstance(err, (ValueError, RuntimeError, OSError, FloatingPointError, ImportError, *stores))
 
 
 def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
@@ -426,13 +431,14 @@ def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         logging.getLogger("mlflow").setLevel(logging.ERROR)  # if it was imported already
+    _SIGTERM_RECEIVED.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
-        detail = str(err) or ("finished epochs and parts are kept (run it again with --resume where the command "
-                              "has it)")
+        terminated = isinstance(err, Terminated) or bool(_SIGTERM_RECEIVED)
+        detail = str(err) or ("finished epochs and parts are kept; the same command continues them (with --resume "
+                              "for train-teacher, distill and sweep)")
         print(f"dard {args.command}: {'terminated' if terminated else 'interrupted'}: {detail}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as err:  # noqa: BLE001 -- the one top-level handler

@@ -3,6 +3,8 @@ pyarrow filesystem URI (``s3://...``, ``gs://...``): model files, checkpoints, s
 manifests all go through here."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import time
 from pathlib import Path
@@ -40,10 +42,28 @@ def sha256(uri: str | Path) -> str:
 
 def atomic_write(uri: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """``write(stream)`` into a temporary file beside ``uri``, then rename it into place: a crash
-    leaves the previous file (or none), never a partial one. Creates the folder."""
+    leaves the previous file (or none), never a partial one. Creates the folder. A failed write
+    removes its temporary file; a full disk is said as such (``OSError`` ENOSPC naming the path)."""
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = f"{path}.tmp-{time.time_ns()}"
-    with fs.open_output_stream(tmp) as stream:
-        write(stream)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            write(stream)
+        fs.move(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        if _no_space(err):
+            raise OSError(errno.ENOSPC, f"no space left on the device holding {path}: free some and run again "
+                                        "(the previous file, if any, is intact)") from err
+        raise
+
+
+def _no_space(err: BaseException | None) -> bool:
+    """Whether a (possibly wrapped: torch's zip writer says only "file write failed") error is ENOSPC."""
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -1,8 +1,10 @@
 """`dard video`: classify every frame of a clip natural and under attack; annotated MP4 + CSV.
 
 Frames are decoded with ffmpeg-python, using the static ffmpeg binary that imageio-ffmpeg ships
-unless one is on PATH, so no system package is needed. Each frame is centre-cropped to a square,
-resized to the model's input (area averaging; grey for 1-channel models), classified, attacked
+unless one is on PATH, so no system package is needed. ffmpeg centre-crops each frame to a square
+and scales it to 4x the model's input while decoding (memory follows the model, not the clip;
+at most ``MAX_FRAMES`` frames), then it is resized to the model's input (area averaging; grey for
+1-channel models), classified, attacked
 (PGD-20 or DPGD-20 at the model's eps), classified again, and drawn side by side: natural |
 adversarial, each with prediction and confidence, and whether the attack flipped it.
 """
@@ -51,19 +53,34 @@ def _probe(path: Path) -> dict:
             "comment": comment.group(1).strip() if comment else ""}
 
 
-def read_frames(path: str | Path) -> tuple[np.ndarray, float, str]:
-    """(frames uint8 (N, H, W, 3), fps, comment metadata)."""
+MAX_FRAMES = 10_000  # a clip is held in memory at the decode size: bounded, and said so
+
+
+def read_frames(path: str | Path, side: int | None = None) -> tuple[np.ndarray, float, str]:
+    """(frames uint8 (N, H, W, 3), fps, comment metadata). ``side``: ffmpeg crops each frame to
+    its centre square and area-scales it to ``side`` x ``side`` while decoding, so memory follows
+    ``side``, not the clip's resolution (a 4096x4096 clip decodes like any other). At most
+    ``MAX_FRAMES`` frames; a longer clip is refused with one line."""
     import ffmpeg
 
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"video not found: {path}")
     info = _probe(path)
-    raw, _ = (ffmpeg.input(str(path)).output("pipe:", format="rawvideo", pix_fmt="rgb24")
+    stream = ffmpeg.input(str(path))
+    height = width = side
+    if side is not None:
+        stream = stream.filter("crop", "min(iw,ih)", "min(iw,ih)").filter("scale", side, side, flags="area")
+    else:
+        height, width = info["height"], info["width"]
+    raw, _ = (stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=MAX_FRAMES + 1)
               .run(cmd=ffmpeg_binary(), capture_stdout=True, capture_stderr=True))
-    frames = np.frombuffer(raw, np.uint8).reshape(-1, info["height"], info["width"], 3)
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
         raise VideoError(f"{path}: the video stream has no frames")
+    if len(frames) > MAX_FRAMES:
+        raise VideoError(f"{path}: longer than {MAX_FRAMES} frames; cut it first (ffmpeg -i IN -frames:v "
+                         f"{MAX_FRAMES} OUT)")
     return frames, info["fps"], info["comment"]
 
 
@@ -172,14 +189,15 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
 
     if attack not in ATTACKS:
         raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
-    frames, fps, comment = read_frames(input_path)
     dataset = header.get("dataset")
-    if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
-        raise VideoError(f"{input_path}: a sample clip made for {comment[len(SAMPLE_TAG):]!r}, but the model was "
-                         f"trained on {dataset!r}; make a sample for the model's dataset")
     channels, size, _ = DataConfig(dataset=dataset).image_shape if dataset in DATASETS else (header["in_channels"], 32, 32)
     if header.get("in_channels") not in (None, channels):
         raise VideoError(f"model expects {header['in_channels']} input channels but dataset {dataset} has {channels}")
+    # decoded already cropped and scaled to 4x the model's input: the last area step is frames_to_inputs'
+    frames, fps, comment = read_frames(input_path, side=4 * size)
+    if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
+        raise VideoError(f"{input_path}: a sample clip made for {comment[len(SAMPLE_TAG):]!r}, but the model was "
+                         f"trained on {dataset!r}; make a sample for the model's dataset")
     x = frames_to_inputs(frames, channels, size)
     device = next(model.parameters()).device
     model.eval()

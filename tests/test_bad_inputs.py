@@ -265,3 +265,24 @@ def test_a_rerun_continues_the_mlflow_run_of_a_killed_training(tmp_path):
     assert MlflowClient(uri).get_run(first.run_id).info.status == "RUNNING"  # re-opened for the rerun
     marker.write_text(json.dumps({"run_id": "0" * 32}))
     assert resumable_run(uri, marker) is None  # a run gone from the store: start a new one
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):
+    """A write that fails for want of space (ENOSPC mid-write, as the OS reports it): one clear
+    error naming the path, no temporary file left to keep the disk full, the previous file intact."""
+    import errno
+
+    from dard.checkpoint import load_checkpoint, save_checkpoint
+    from dard.files import atomic_write
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 0, "model": {"w": torch.ones(2)}, "optimizer": {}})
+
+    def fills_the_disk(stream):
+        stream.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"no space left on the device holding {path}"):
+        atomic_write(path, fills_the_disk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(path)["epoch"] == 0

@@ -34,3 +34,23 @@ def test_video_errors(trained_models, tmp_path):
     clip = write_frames(tmp_path / "c10.mp4", np.zeros((2, 32, 32, 3), np.uint8), 4, comment="dard-dataset=cifar10")
     with pytest.raises(VideoError, match="made for 'cifar10'.*trained on 'digits'"):
         run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+
+
+def test_a_huge_frame_is_decoded_at_the_models_size(trained_models, tmp_path, monkeypatch):
+    """A 4096x4096 clip: ffmpeg crops and scales while decoding, so the clip never sits in memory
+    at its own resolution (it took 9.4 GB before); a clip over MAX_FRAMES is refused by name."""
+    import numpy as np
+
+    import dard.video as video
+
+    frames = np.zeros((3, 4096, 4096, 3), np.uint8)
+    frames[:, 1024:3072, 1024:3072] = 255  # a white square in the middle: visible after the crop and scale
+    clip = write_frames(tmp_path / "huge.mp4", frames, 4)
+    small, _, _ = read_frames(clip, side=32)
+    assert small.shape == (3, 32, 32, 3) and small[:, 16, 16].min() > 200 and small[:, 1, 1].max() < 40
+    model, header = load_model(trained_models["natural"]["model_path"])
+    result = run_video(clip, model, header, attack="fgsm", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+    assert result.frames == 3
+    monkeypatch.setattr(video, "MAX_FRAMES", 2)
+    with pytest.raises(VideoError, match="longer than 2 frames"):
+        read_frames(clip, side=32)
