@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from dard.checkpoint import load_checkpoint, save_checkpoint
 from dard.config import Config, from_dict, to_dict
-from dard.engine import epoch_line
+from dard.engine import NonFiniteLossError, epoch_line
+from dard.logs import one_line
 from dard.models import build_for, save_for
 from dard.training import open_shards, prepare
 
@@ -49,14 +50,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # the driver already verified the shards' checksums: "fast" checks the manifest and sizes
-    run = prepare(cfg, teacher_path=config.get("teacher_path"), shards=config["shards"], rank=rank,
-                  world_size=world, device=ray.train.torch.get_device(), check="fast")
+    try:
+        # the driver already verified the shards' checksums: "fast" checks the manifest and sizes
+        run = prepare(cfg, teacher_path=config.get("teacher_path"), shards=config["shards"], rank=rank,
+                      world_size=world, device=ray.train.torch.get_device(), check="fast")
+        error = None
+    except ValueError as err:  # config, shards, teacher: a restart cannot fix it
+        error = err
+    fatal = config["fatal"]
+    if _stop_everywhere(error, world, rank, fatal):
+        return
     run.model = ray.train.torch.prepare_model(run.model)  # wraps in DDP when world > 1
     checkpoint = ray.train.get_checkpoint()
+    error = None
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            run.resume(load_checkpoint(Path(d) / CHECKPOINT_FILE), f"the Ray Train checkpoint {checkpoint.path}")
+        try:
+            with checkpoint.as_directory() as d:
+                run.resume(load_checkpoint(Path(d) / CHECKPOINT_FILE), f"the Ray Train checkpoint {checkpoint.path}")
+        except ValueError as err:  # written under another config, unreadable
+            error = err
+    if _stop_everywhere(error, world, rank, fatal):
+        return
     tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
 
     def report(epoch: int, metrics: dict, history: list) -> None:
@@ -70,10 +84,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
 
     hook: Callable | None = config.get("step_hook")
-    run.epochs(report, rank=rank, extra_metrics={"world_size": world, "nodes": _nodes(world)},
-               on_step=None if hook is None else
-               (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
-                                         model=run.model)))
+    try:
+        run.epochs(report, rank=rank, extra_metrics={"world_size": world, "nodes": _nodes(world)},
+                   on_step=None if hook is None else
+                   (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
+                                             model=run.model)))
+    except NonFiniteLossError as err:  # decided on all-reduced gradients: every rank is here, at the same step
+        tracker.close("FAILED")
+        if rank == 0:
+            ray.get(fatal.set.remote(one_line(err)))
+        return
     if checkpoint and run.start_epoch >= cfg.optim.epochs and run.history:
         # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
         # its result): report that epoch again, or Tune would see the trial end with no result.
@@ -81,6 +101,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log(run.history[-1], run.start_epoch - 1)
         ray.train.report(run.history[-1], checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
+
+
+class FatalError:
+    """An actor holding the first error that a restart would only repeat (config, shards, resume
+    with another config, a NaN loss). Raised in a worker, such an error would make Ray Train
+    restart the group ``max_failures`` times to fail the same way: the workers put it here and
+    end instead, and ``train_distributed`` raises it on the driver."""
+
+    def __init__(self):
+        self.message: str | None = None
+
+    def set(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str | None:
+        return self.message
+
+
+def _stop_everywhere(error: BaseException | None, world: int, rank: int, fatal) -> bool:
+    """Whether any rank hit such an error (a collective: every rank calls it, so all end together)."""
+    import ray
+
+    messages = [one_line(error) if error is not None else None] * world
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(messages, messages[0])
+    first = next((m for m in messages if m is not None), None)
+    if first is not None and rank == 0:
+        ray.get(fatal.set.remote(first))
+    return first is not None
 
 
 def _nodes(world: int) -> int:
@@ -99,7 +150,7 @@ class _NoTracker:
     def log(self, metrics: dict, step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 
@@ -157,7 +208,8 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
 
     check_scaling(workers, max_failures, cpus_per_worker)
     open_shards(shards, cfg, teacher_path, check=check)  # on the driver, before any worker starts
-    ensure_ray(address)
+    ray = ensure_ray(address)
+    fatal = ray.remote(num_cpus=0)(FatalError).remote()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -174,7 +226,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking,
                            "teacher_path": str(Path(teacher_path).absolute()) if teacher_path else None,
-                           "step_hook": step_hook},
+                           "step_hook": step_hook, "fatal": fatal},
         # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
         torch_config=(LoopbackTorchConfig if cluster_is_local() else TorchConfig)(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -190,10 +242,14 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     started = time.time()
     try:
         result = trainer.fit()
+        error = result.error
     except Exception as err:  # Ray Train raises the workers' errors wrapped (WorkerGroupError, ...)
-        raise RayRunError(f"distributed training failed: {error_line(err)}") from err
-    if result.error:
-        raise RayRunError(f"distributed training failed: {error_line(result.error)}") from result.error
+        error = err
+    finally:
+        message = ray.get(fatal.get.remote())
+        ray.kill(fatal)
+    if message or error:
+        raise RayRunError(f"distributed training failed: {message or error_line(error)}") from error
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path

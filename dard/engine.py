@@ -56,7 +56,8 @@ def train_epoch(model: nn.Module, batches: Iterable[TrainBatch], optimizer: torc
     """Train one epoch; returns mean loss, mean of each term, samples and images/s.
 
     Raises :class:`NonFiniteLossError` naming the epoch and step on a NaN/Inf loss, before the
-    optimizer applies it.
+    optimizer applies it. Under DDP the decision is taken on the all-reduced gradients, so every
+    rank stops at the same step (a rank stopping alone would leave the others in a collective).
     """
     loss_fn = get_loss(loss_cfg.method)
     model.train()
@@ -67,13 +68,15 @@ def train_epoch(model: nn.Module, batches: Iterable[TrainBatch], optimizer: torc
         with autocast(device, amp):
             result = loss_fn(model, batch, loss_cfg, attack_cfg)
         loss = result.loss
-        if not torch.isfinite(loss):
+        distributed = model is not unwrap(model)  # DDP: gradients are all-reduced in backward
+        if not distributed and not torch.isfinite(loss) or distributed and not _backward_finite(model, loss, optimizer):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step} with method {loss_cfg.method!r} "
                 f"(terms: {result.terms}); stopping before it reaches the weights or a checkpoint. "
                 "Lower optim.lr, check the teacher's logits, or enable optim.grad_clip.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if not distributed:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -88,6 +91,15 @@ def train_epoch(model: nn.Module, batches: Iterable[TrainBatch], optimizer: torc
     out = {k: v / max(seen, 1) for k, v in sums.items()}
     out.update(samples=seen, steps=steps, seconds=elapsed, images_per_s=seen / elapsed if elapsed > 0 else math.nan)
     return out
+
+
+def _backward_finite(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """Backward through DDP (every rank joins the all-reduce, whatever its own loss), then whether
+    the reduced gradients are finite: the same answer on every rank."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms).sum())) if norms else True
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -63,7 +63,7 @@ def test_shards_of_another_split_or_attack_are_refused(shards, tmp_path, capsys)
 def test_a_refused_ray_training_writes_nothing(shards, tmp_path, monkeypatch, capsys):
     """`dard train` checks its shards before it opens an MLflow run or a run folder."""
     monkeypatch.chdir(tmp_path)  # the default tracking store, ./mlflow.db, would land here
-    fails(["train", "--shards", shards, "--set", "data.split_seed=1", "--out", str(tmp_path / "s.pt"),
+    fails(["train", "--shards", str(shards), "--set", "data.split_seed=1", "--out", str(tmp_path / "s.pt"),
            "--run-dir", str(tmp_path / "r")], capsys, "data.split_seed")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -286,3 +286,39 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):
         atomic_write(path, fills_the_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert load_checkpoint(path)["epoch"] == 0
+
+
+def test_tampered_storage_never_runs_code(shards, trained_models, tmp_path, capsys):
+    """A pickle with a ``__reduce__`` payload put where dard reads files from storage -- a teacher
+    (the demo's teacher cache holds the same kind of file), a checkpoint, a shard part whose
+    manifest entry was updated to match it -- is refused with one line; the payload never runs.
+    (The sweep folder: tests/test_sweep.py; the registry: test_tampered_registry_entry_cannot_run_code.)"""
+    import hashlib
+    import json
+    import pickle
+    import shutil
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = pickle.dumps({"format": "dard-model/1", "state_dict": Payload()})
+    (tmp_path / "teacher.pt").write_bytes(evil)
+    fails(["precompute", "--local", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(tmp_path / "sh")], capsys,
+          "weights-only")
+    out = tmp_path / "t.pt"
+    base = ["train-teacher", "--arch", "cnn_small", "--epochs", "1", "--limit-train", "64", "--no-progress",
+            "--out", str(out)]
+    assert main(base) == 0
+    (tmp_path / "t-run" / "checkpoint.pt").write_bytes(evil)
+    fails([*base, "--resume"], capsys, "unreadable checkpoint")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / manifest["parts"][0]["file"]).write_bytes(evil)
+    manifest["parts"][0].update(bytes=len(evil), sha256=hashlib.sha256(evil).hexdigest())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    fails(distill_args(str(copy), tmp_path / "s.pt"), capsys, "not a readable Arrow IPC file")
+    assert not marker.exists()

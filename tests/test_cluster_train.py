@@ -99,10 +99,15 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     assert epochs.count(0) == 4 and epochs.count(2) == 4  # epoch 0 not redone after the restart
     assert epochs.count(1) == 2 + 4  # killed halfway through epoch 1 (step 2 of 4), then redone whole
     # The same Ray run (storage, name) started again under another config is refused by the
-    # worker's resume (the rule `fit` applies), not silently continued.
+    # worker's resume (the rule `fit` applies), not silently continued; and at once: every rank
+    # reports the error, so Ray Train does not restart the group to fail the same way again.
     other = small_train_cfg(tmp_path).updated(optim={"lr": 0.05})
-    with pytest.raises(RuntimeError, match="optim.lr"):
-        train_distributed(other, ray_shards, workers=1, name="ddp-fault", max_failures=0)
+    with pytest.raises(RuntimeError, match=r"^distributed training failed: .*optim\.lr: 0\.4 in the checkpoint"):
+        train_distributed(other, ray_shards, workers=2, name="ddp-fault", max_failures=2)
+    # a loss that turns NaN under DDP stops every rank at the same step, decided on the reduced gradients
+    diverging = small_train_cfg(tmp_path / "nan").updated(optim={"lr": 1e30})
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        train_distributed(diverging, ray_shards, workers=2, name="nan", max_failures=2)
 
 
 def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
