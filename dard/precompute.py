@@ -93,8 +93,10 @@ def build_shards(cfg: Config, teacher_path: str | Path, out: str, *, views: int 
     ``views``: augmented views per sample (epoch e trains on view e mod V). ``max_parts`` stops
     after computing that many parts, without a manifest (interruption tests, partial runs).
     """
-    if views < 1:
-        raise ValueError(f"--views must be >= 1, got {views}")
+    problems = [f"{flag}: must be >= 1, got {value}" for flag, value in (
+        ("--views", views), ("--rows-per-part", rows_per_part), ("--batch", batch_size)) if value < 1]
+    if problems:
+        raise ValueError("; ".join(problems))
     dataset = cfg.data.dataset
     teacher = teacher_identity(teacher_path, cfg, teacher_arch)
     ds = getattr(load_splits(cfg.data), split)

@@ -189,6 +189,8 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
 
     if attack not in ATTACKS:
         raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if not (0 <= eps <= 1 and step_size > 0):
+        raise VideoError(f"--eps must be in [0, 1] and --step-size > 0 (pixels in [0, 1]), got {eps} and {step_size}")
     dataset = header.get("dataset")
     channels, size, _ = DataConfig(dataset=dataset).image_shape if dataset in DATASETS else (header["in_channels"], 32, 32)
     if header.get("in_channels") not in (None, channels):

@@ -128,6 +128,12 @@ def test_empty_splits_limits_and_mismatched_resume_are_errors(tmp_path, capsys):
     fails([*base, "--set", "optim.grad_clip=-1"], capsys, "optim.grad_clip: must be > 0")  # -1 is gradient ascent
     fails(["train", "--shards", str(tmp_path), "--workers", "0", "--max-failures", "-5", "--out", out], capsys,
           "--workers: must be >= 1, got 0", "--max-failures: must be >= 0, got -5")
+    fails(["precompute", "--local", "--teacher", out, "--out", str(tmp_path / "sh"), "--batch", "0", "--views", "0"],
+          capsys, "--views: must be >= 1, got 0", "--batch: must be >= 1, got 0")
+    fails(["sweep", "--shards", str(tmp_path), "--workers-per-trial", "0", "--grace-period", "0",
+           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], capsys, "--workers-per-trial: must be >= 1",
+          "--grace-period: must be >= 1")
+    assert not (tmp_path / "sh").exists() and not (tmp_path / "m.db").exists()
 
 
 # ---- 2. tracebacks where one line is promised ------------------------------------------------------

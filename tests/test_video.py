@@ -34,6 +34,9 @@ def test_video_errors(trained_models, tmp_path):
     clip = write_frames(tmp_path / "c10.mp4", np.zeros((2, 32, 32, 3), np.uint8), 4, comment="dard-dataset=cifar10")
     with pytest.raises(VideoError, match="made for 'cifar10'.*trained on 'digits'"):
         run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+    with pytest.raises(VideoError, match=r"--eps must be in \[0, 1\]"):
+        run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=5, step_size=0.05)
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_a_huge_frame_is_decoded_at_the_models_size(trained_models, tmp_path, monkeypatch):

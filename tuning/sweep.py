@@ -130,8 +130,11 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     from dard.training import open_shards
 
     space_dict = load_space(space) if isinstance(space, str) else validate_space(space)
-    if trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {trials}")
+    problems = [f"{flag}: must be >= 1, got {value}" for flag, value in (
+        ("--trials", trials), ("--workers-per-trial", workers_per_trial), ("--grace-period", grace_period),
+        ("--max-concurrent", max_concurrent if max_concurrent is not None else 1)) if value < 1]
+    if problems:
+        raise ValueError("; ".join(problems))
     if not isinstance(space_dict.get("method"), (str, type(None))):
         raise ValueError("space: method must be a fixed value (one method per sweep, equal trials per method)")
     cfg = cfg.updated(loss={"method": space_dict.get("method", cfg.loss.method)})
