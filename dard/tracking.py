@@ -98,8 +98,16 @@ def _create_once(uri: str, db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        existed = db.exists()
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates the schema
+        except Exception as err:
+            if not existed:  # a half-migrated store would fail every later run: leave none
+                db.unlink(missing_ok=True)
+            if "disk is full" in str(err) or "No space left" in str(err):
+                raise TrackingError(f"tracking store {db}: no space left on its device; free some space or use "
+                                    "another --tracking-uri") from err
+            raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

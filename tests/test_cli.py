@@ -56,3 +56,19 @@ def test_clear_errors(tmp_path, capsys):
     assert "--data-dir" in capsys.readouterr().err
     assert main(["train-teacher", "--set", "loss.nonsense=1", "--out", str(tmp_path / "t.pt")]) == 2
     assert "loss.nonsense" in capsys.readouterr().err
+
+
+def test_architecture_knobs_from_the_command_line():
+    """`--set model.kwargs.KEY=V` sets one knob; `--arch` drops the dataset's knobs for another
+    architecture (cnn_small's width means nothing to resnet18); every option's default is in --help."""
+    from dard.cli import build_config, make_parser
+
+    parse = make_parser().parse_args
+    assert build_config(parse(["distill", "--set", "model.kwargs.width=0.5"])).model.kwargs == {"width": 0.5}
+    fashion = build_config(parse(["distill", "--dataset", "fashion-mnist"]))
+    assert fashion.model.kwargs == {"width": 0.25}
+    assert build_config(parse(["distill", "--dataset", "fashion-mnist", "--arch", "resnet18"])).model.kwargs == {}
+    import re
+
+    help_text = make_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
+    assert re.search(r"--aa-limit AA_LIMIT .*\(default:\s+500\)", help_text, re.S)

@@ -95,3 +95,23 @@ def test_four_runs_starting_together_on_a_new_sqlite_store_all_succeed(tmp_path)
     store, _ = client(uri)
     experiment = store.get_experiment_by_name("together")
     assert len(store.search_runs([experiment.experiment_id])) == 4
+
+
+def test_a_store_that_cannot_be_created_for_want_of_space_is_named_and_not_left_half_made(tmp_path, monkeypatch):
+    """sqlite says "database or disk is full" mid-migration (as on a full tmpfs): one error naming
+    the store, and no half-migrated database left for the next run to trip on."""
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from dard.tracking import TrackingError, client
+
+    db = tmp_path / "full.db"
+
+    def disk_full(self, *args, **kwargs):
+        db.write_bytes(b"SQLite format 3\x00 half a schema")
+        raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", disk_full)
+    with pytest.raises(TrackingError, match=f"tracking store {db}: no space left on its device"):
+        client(f"sqlite:///{db}")
+    assert not db.exists()
