@@ -168,6 +168,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export, then run the exported file itself: parity and robustness next to the PyTorch model."""
+    import json
+    import tempfile
+
+    from dard.config import from_dict
+    from dard.data import load_splits, to_float
+    from dard.evaluate import EvalSettings
+    from dard.export import ExportError, check_export, export_model, load_export
+    from dard.registry import load_reference
+
+    model, header = load_reference(args.model, args.tracking_uri)
+    saved = (header.get("meta") or {}).get("config")
+    cfg = from_dict(saved) if saved else Config.for_dataset(header["dataset"])
+    if args.data_dir:
+        cfg = cfg.updated(data={"data_dir": args.data_dir})
+    settings = EvalSettings.for_config(cfg, eps=args.eps, limit=args.limit)
+    test = load_splits(cfg.data).test
+    x, y = to_float(test.images)[:settings.limit], test.labels[:settings.limit]
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        staged = export_model(model, x[:2], args.format, Path(tmp) / out.name)  # checked before it is kept
+        check = check_export(model, load_export(staged), x, y, settings, square_limit=args.aa_limit)
+        print(f"{header['arch']} on {cfg.data.dataset} test ({check.samples} samples), eps={settings.eps:.4g}, "
+              f"{args.format}:")
+        print(check.table())
+        if not check.passed(args.tolerance):
+            raise ExportError(f"the {args.format} export differs from the model (max |delta logit| "
+                              f"{check.max_abs_logit_diff:.2e} > {args.tolerance:g}, or predictions disagree); "
+                              f"nothing written to {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged.replace(out)
+    out.with_suffix(".check.json").write_text(json.dumps({"model": str(args.model), "format": args.format,
+                                                          "eps": settings.eps, **check.to_dict()}, indent=2))
+    print(f"export: {out}   check: {out.with_suffix('.check.json')}")
+    return 0
+
+
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
     from dard.data import load_splits
     from dard.shards import PINNED_DATA, ShardReader
@@ -326,6 +364,19 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="report folder (default: <model stem>-eval/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a model (torch.export .pt2) and re-check parity and robustness "
+                                      "on the exported file itself")
+    p.add_argument("--model", required=True, help="dard model file, or models:/NAME@ALIAS from the MLflow registry")
+    p.add_argument("--format", choices=("pt2",), default="pt2")
+    p.add_argument("--out", required=True, help="the exported file (written only if the re-check passes)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=500, help="test samples for parity and PGD-20 transfer")
+    p.add_argument("--aa-limit", type=int, default=100, help="test samples for the Square attack through each model")
+    p.add_argument("--eps", type=pixel_value, help="default: the model's training eps")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |delta logit| accepted")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("shards", help="soft-label shards: `dard shards inspect DIR`")
     shards_sub = p.add_subparsers(dest="shards_command", required=True)
