@@ -208,7 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
     from dard.data import load_splits
-    from dard.shards import PINNED_DATA, ShardReader
+    from dard.shards import PINNED_DATA, ShardReader, check_fingerprint
 
     reader = ShardReader(args.directory, check="none" if args.no_verify else "full")
     if not args.no_verify:  # the rows against the split the manifest claims, rebuilt from its own data fields
@@ -216,6 +216,7 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
         data = {k: v for k, v in (m.get("data") or {}).items() if k in PINNED_DATA or k == "data_dir"}
         claimed = Config.for_dataset(m["dataset"], data=data).data
         reader.check_rows(load_splits(claimed), m["split"], claimed.crop_padding)
+        check_fingerprint(args.directory, m)
     s = reader.summary()
     print(f"{s['directory']}: {s['dataset']}/{s['split']}, {s['samples']} samples x {s['views']} views = {s['rows']} rows "
           f"in {s['parts']} parts, {s['bytes'] / 1e6:.2f} MB ({s['bytes_per_row']:.0f} B/row)")

@@ -22,7 +22,7 @@ from dard.engine import resolve_device
 from dard.models import file_sha256, load_teacher_for
 from dard.progress import progress_bar
 from dard.files import resolve
-from dard.shards import finished_part, fingerprint, make_manifest, write_manifest, write_part, write_part_record
+from dard.shards import finished_part, make_manifest, plan_fingerprint, write_manifest, write_part, write_part_record
 from dard.soft_labels import compute_part, plan_parts
 
 log = logging.getLogger("dard")
@@ -103,9 +103,9 @@ def build_shards(cfg: Config, teacher_path: str | Path, out: str, *, views: int 
     image_shape, num_classes = cfg.data.image_shape, cfg.data.num_classes
     plan = plan_parts(len(ds), rows_per_part)
     cfg_dict = to_dict(cfg)
-    plan_fp = fingerprint({"teacher": teacher["sha256"], "dataset": dataset, "split": split, "data": cfg_dict["data"],
-                           "attack": cfg_dict["attack"], "seed": cfg.run.seed, "views": views,
-                           "parts": [[int(p[0]), int(p[-1])] for p in plan]})
+    plan_fp = plan_fingerprint(teacher_sha256=teacher["sha256"], dataset=dataset, split=split, data=cfg_dict["data"],
+                               attack=cfg_dict["attack"], seed=cfg.run.seed, views=views,
+                               ranges=[[int(p[0]), int(p[-1])] for p in plan])
     fs, base = resolve(out)
     fs.create_dir(base, recursive=True)
     entries: dict[int, dict] = {}

@@ -83,7 +83,7 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
     """A :class:`ShardReader` checked against the run: dataset, classes, the pinned data and attack
     fields, the teacher if given; with ``check="full"`` also every part's sha256 and every row
     against the run's own training split (:meth:`ShardReader.check_rows`), whatever the manifest says."""
-    from dard.shards import ShardReader
+    from dard.shards import ShardReader, check_fingerprint
 
     reader = ShardReader(directory, check=check)
     raw = to_dict(cfg)
@@ -92,8 +92,9 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
                             teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
     if reader.manifest["split"] != "train":
         raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
-    if check == "full":
+    if check == "full":  # the rows first: they name the split they really are
         reader.check_rows(load_splits(cfg.data), "train", cfg.data.crop_padding)
+        check_fingerprint(directory, reader.manifest)
     return reader
 
 

@@ -205,3 +205,24 @@ def test_rows_are_checked_against_the_runs_split_whatever_the_manifest_says(teac
     assert main(["distill", "--shards", str(tmp_path / "s0"), "--set", "data.split_seed=1", "--steps", "2",
                  "--epochs", "1", "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x-run").exists()
+
+
+def test_a_manifest_edited_after_precompute_is_refused_by_its_fingerprint(shard_dir, tmp_path, capsys):
+    """Fields the rows cannot show (the teacher that made them, the attack of the DPGD views) are
+    held by the manifest's fingerprint, recomputed from its own fields on every full check."""
+    import shutil
+
+    from dard.cli import main
+    from dard.training import open_shards
+
+    copy = tmp_path / "s"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert main(["shards", "inspect", str(copy)]) == 0  # as built: every check passes
+    capsys.readouterr()
+    manifest["teacher"]["sha256"] = "0" * 64  # claim another teacher
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="the manifest's fields were edited after the shards were built"):
+        open_shards(str(copy), small_cfg(tmp_path))
+    assert main(["shards", "inspect", str(copy)]) == 2
+    assert "fingerprint no longer matches" in capsys.readouterr().err

@@ -16,11 +16,13 @@ Directories may be local paths or pyarrow filesystem URIs (``s3://...``, ``gs://
 files are memory-mapped (zero copy).
 """
 from dard.shards.format import (FORMAT_VERSION, MANIFEST, PINNED_ATTACK, PINNED_DATA, ShardError, fingerprint,
-                                make_manifest, part_name, rows_to_table, schema)
+                                make_manifest, manifest_fingerprint, part_name, plan_fingerprint, rows_to_table,
+                                schema)
 from dard.shards.reader import ShardBatch, ShardReader
 from dard.shards.store import finished_part, read_manifest, write_manifest, write_part, write_part_record
-from dard.shards.verify import check_part, verify
+from dard.shards.verify import check_fingerprint, check_part, verify
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "PINNED_ATTACK", "PINNED_DATA", "ShardBatch", "ShardError", "ShardReader",
-           "check_part", "finished_part", "fingerprint", "make_manifest", "part_name", "read_manifest",
+           "check_fingerprint", "check_part", "finished_part", "fingerprint", "make_manifest", "manifest_fingerprint", "part_name",
+           "plan_fingerprint", "read_manifest",
            "rows_to_table", "schema", "verify", "write_manifest", "write_part", "write_part_record"]

@@ -79,6 +79,28 @@ def fingerprint(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def plan_fingerprint(*, teacher_sha256: str, dataset: str, split: str, data: dict, attack: dict, seed: int,
+                     views: int, ranges: list[list[int]]) -> str:
+    """What a shard folder's rows depend on, hashed: the teacher, the split, the data and attack
+    config, the seed, the views and each part's ``[first, last]`` sample. Precompute records it;
+    a reader recomputes it from the manifest's own fields (:func:`manifest_fingerprint`)."""
+    return fingerprint({"teacher": teacher_sha256, "dataset": dataset, "split": split, "data": data,
+                        "attack": attack, "seed": seed, "views": views, "parts": ranges})
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """:func:`plan_fingerprint` of what ``manifest`` says (parts are contiguous sample ranges in
+    order, ``rows = samples x views``)."""
+    views, start, ranges = int(manifest["views"]), 0, []
+    for part in manifest["parts"]:
+        n = int(part["rows"]) // max(views, 1)
+        ranges.append([start, start + n - 1])
+        start += n
+    return plan_fingerprint(teacher_sha256=manifest["teacher"].get("sha256"), dataset=manifest["dataset"],
+                            split=manifest["split"], data=manifest.get("data"), attack=manifest.get("attack"),
+                            seed=manifest.get("seed"), views=views, ranges=ranges)
+
+
 def make_manifest(*, dataset: str, split: str, teacher: dict, attack: dict, data: dict, views: int, num_classes: int,
                   image_shape, parts: list[dict], rows: int, seed: int, plan_fingerprint: str) -> dict[str, Any]:
     from dard import __version__

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dard.files import join, resolve, sha256
-from dard.shards.format import ShardError, schema
+from dard.shards.format import ShardError, manifest_fingerprint, schema
 
 def check_part(directory: str, entry: dict[str, Any], image_shape, num_classes: int, full: bool = True) -> None:
     """Raise :class:`ShardError` naming the file unless the part exists, matches size, checksum, schema, rows."""
@@ -43,6 +43,15 @@ def verify(directory: str, full: bool = True) -> dict[str, Any]:
     if expected is not None and total != expected:
         raise ShardError(f"{directory}: parts hold {total} rows, the manifest expects {expected}; re-run precompute")
     return manifest
+
+
+def check_fingerprint(directory: str, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose fields were edited after precompute wrote it: its recorded
+    fingerprint must be the one its own teacher, split, data, attack, seed and parts give."""
+    if manifest.get("fingerprint") != manifest_fingerprint(manifest):
+        raise ShardError(f"{directory}: the manifest's fields were edited after the shards were built (its "
+                         "fingerprint no longer matches its teacher, split, data, attack, seed or parts); rebuild "
+                         f"with `dard precompute --out {directory}`")
 
 
 def open_table(fs: pafs.FileSystem, path: str) -> pa.Table:
