@@ -28,8 +28,7 @@ from dard.checkpoint import load_checkpoint, save_checkpoint
 from dard.config import Config, from_dict, to_dict
 from dard.engine import NonFiniteLossError, epoch_line
 from dard.logs import one_line
-from dard.models import build_for, save_for
-from dard.training import open_shards, prepare
+from dard.training import open_shards, prepare, save_selected
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -253,12 +252,9 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path
-    model = build_for(cfg.model, cfg.data)
-    model.load_state_dict(state["model"])
     out_path = Path(out) if out else Path(cfg.run.out_dir) / "model.pt"
-    meta = {"method": cfg.loss.method, "config": to_dict(cfg), "final_metrics": state["history"][-1],
-            "teacher": state["extra"].get("teacher"), "shards": state["extra"].get("shards"),
-            "distributed": {"workers": workers, "use_gpu": use_gpu, "seconds": time.time() - started}}
-    save_for(out_path, model, cfg.model, cfg.data, meta)
-    return DistributedResult(metrics=state["history"][-1], checkpoint_dir=str(checkpoint_dir), model_path=str(out_path),
-                             run_path=str(result.path), history=list(state["history"]))
+    _, meta = save_selected(out_path, state, cfg, {"distributed": {"workers": workers, "use_gpu": use_gpu,
+                                                                   "seconds": time.time() - started}})
+    return DistributedResult(metrics={**meta["final_metrics"], "selected_epoch": meta["selected_epoch"]},
+                             checkpoint_dir=str(checkpoint_dir), model_path=str(out_path), run_path=str(result.path),
+                             history=list(state["history"]))

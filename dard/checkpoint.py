@@ -77,6 +77,31 @@ def check_resumable(state: dict[str, Any], config: dict, path: str | Path) -> No
                               " or delete the checkpoint.")
 
 
+def selection_metric(method: str) -> str:
+    """What selects a run's model: validation robust accuracy (samples surviving PGD and CW), or
+    natural accuracy for a natural (non-robust) baseline."""
+    return "val_natural_acc" if method == "natural" else "val_robust_acc"
+
+
+def note_best(best: dict | None, epoch: int, metrics: dict, model: nn.Module, metric: str) -> dict | None:
+    """The checkpoint's ``best`` record after ``epoch``: ``{"epoch", "metric", "score", "model"}``
+    (weights on the CPU), replaced when this epoch's ``metric`` is at least as good (a later epoch
+    wins a tie). Epochs without validation leave it as it was."""
+    score = metrics.get(metric)
+    if score is None or (best is not None and score < best["score"]):
+        return best
+    return {"epoch": epoch, "metric": metric, "score": score,
+            "model": {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}}
+
+
+def selected(state: dict[str, Any]) -> tuple[dict, int]:
+    """(weights, epoch) of the model a run ships: the epoch of the best selection metric
+    (:func:`selection_metric`; adversarial training overfits robustly, so the last epoch is often
+    not the best), else the last."""
+    best = (state.get("extra") or {}).get("best")
+    return (best["model"], int(best["epoch"])) if best else (state["model"], int(state["epoch"]))
+
+
 def restore(state: dict[str, Any], model: nn.Module, optimizer=None, scheduler=None) -> int:
     """Load a checkpoint into live objects; returns the epoch to start from. (No RNG state: the
     epoch loop seeds every epoch from (seed, rank, epoch), so a resumed epoch replays exactly.)"""

@@ -20,13 +20,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from dard.checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore, save_checkpoint
+from dard.checkpoint import (check_resumable, checkpoint_state, load_checkpoint, note_best, restore, save_checkpoint,
+                             selected, selection_metric)
 from dard.config import Config, save_yaml, to_dict
 from dard.data import ArrayDataset, TrainBatch, iterate_batches, num_batches, load_splits
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs
 from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
 from dard.models import build_for, file_sha256, load_teacher_for, save_for
-from dard.models.registry import unwrap
 from dard.seeding import epoch_generator, seed_everything
 from dard.teacher import teacher_outputs
 
@@ -157,6 +157,7 @@ class Run:
     shards: dict | None = None
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the best epoch so far and its weights (dard.checkpoint.note_best)
 
     def resume(self, state: dict, where: str | Path) -> None:
         """Continue from a checkpoint ``state`` (read from ``where``); refuses one written under
@@ -164,25 +165,46 @@ class Run:
         check_resumable(state, to_dict(self.cfg), where)
         self.start_epoch = restore(state, self.model, self.optimizer, self.scheduler)
         self.history = list(state.get("history", []))
+        self.best = (state.get("extra") or {}).get("best")
         log.info("resumed from %s at epoch %d", where, self.start_epoch)
 
     def checkpoint(self, epoch: int, history: list[dict]) -> dict:
         """The checkpoint state after ``epoch`` (0-based, finished)."""
         return checkpoint_state(self.model, self.optimizer, self.scheduler, epoch, to_dict(self.cfg), history,
-                                {"teacher": self.teacher, "shards": self.shards})
+                                {"teacher": self.teacher, "shards": self.shards, "best": self.best})
 
     def epochs(self, on_epoch_end: Callable[[int, dict, list], None], **kwargs) -> list[dict]:
-        """``dard.engine.run_epochs`` from ``start_epoch``; returns the whole history."""
+        """``dard.engine.run_epochs`` from ``start_epoch``, noting the best epoch before
+        ``on_epoch_end`` persists it; returns the whole history."""
+        def noted(epoch: int, metrics: dict, history: list) -> None:
+            self.best = note_best(self.best, epoch, metrics, self.model, selection_metric(self.cfg.loss.method))
+            on_epoch_end(epoch, metrics, history)
+
         return run_epochs(self.model, self.optimizer, self.scheduler, self.cfg, self.batches, device=self.device,
                           steps=self.steps, start_epoch=self.start_epoch, history=self.history, val=self.val,
-                          on_epoch_end=on_epoch_end, **kwargs)
+                          on_epoch_end=noted, **kwargs)
 
-    def save_model(self, path: str | Path, history: list[dict], extra_meta: dict | None = None) -> Path:
-        """The model file (weights + architecture + the run's config, teacher, shards, final metrics)."""
-        meta = {"method": self.cfg.loss.method, "config": to_dict(self.cfg),
-                "final_metrics": history[-1] if history else {}, "teacher": self.teacher, "shards": self.shards,
-                **(extra_meta or {})}
-        return save_for(path, unwrap(self.model), self.cfg.model, self.cfg.data, meta)
+    def save_model(self, path: str | Path, history: list[dict], extra_meta: dict | None = None) -> tuple[Path, dict]:
+        """The model file of the selected epoch (:func:`dard.checkpoint.selected`): weights,
+        architecture, the run's config, teacher, shards, that epoch's metrics and which it was."""
+        return save_selected(path, self.checkpoint(len(history) - 1, history), self.cfg, extra_meta)
+
+
+def save_selected(path: str | Path, state: dict, cfg: Config, extra_meta: dict | None = None) -> tuple[Path, dict]:
+    """The model file a run ships, from its last checkpoint ``state``: the selected epoch's weights
+    with that epoch's metrics (``final_metrics``), its number (``selected_epoch``) and the last
+    epoch's metrics (``last_metrics``). ``fit`` and the Ray Train driver both write it here.
+    Returns (path, the file's meta)."""
+    weights, epoch = selected(state)
+    history = state.get("history") or []
+    model = build_for(cfg.model, cfg.data)
+    model.load_state_dict(weights)
+    extra = state.get("extra") or {}
+    meta = {"method": cfg.loss.method, "config": to_dict(cfg),
+            "final_metrics": next((h for h in history if h.get("epoch") == epoch), {}), "selected_epoch": epoch,
+            "last_metrics": history[-1] if history else {}, "teacher": extra.get("teacher"),
+            "shards": extra.get("shards"), **(extra_meta or {})}
+    return save_for(path, model, cfg.model, cfg.data, meta), meta
 
 
 def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,
@@ -242,8 +264,9 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
         shards: str | Path | None = None, resume: bool = False,
         on_epoch_end: Callable[[int, dict], None] | None = None, extra_meta: dict | None = None) -> dict:
     """Train per ``cfg`` in this process (see :func:`prepare` for ``teacher_path``/``shards``);
-    resume from ``<run.out_dir>/checkpoint.pt`` when ``resume``. Returns the last epoch's metrics
-    plus ``model_path``, ``checkpoint_path`` and ``out_dir``."""
+    resume from ``<run.out_dir>/checkpoint.pt`` when ``resume``. Returns the selected epoch's
+    metrics (best validation robust accuracy; the model file holds its weights) plus
+    ``selected_epoch``, ``model_path``, ``checkpoint_path`` and ``out_dir``."""
     out_dir = Path(cfg.run.out_dir)
     run = prepare(cfg, teacher_path=teacher_path, teacher_arch=teacher_arch, shards=shards)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +286,6 @@ def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: st
             on_epoch_end(epoch, metrics)
 
     history = run.epochs(persist, progress=cfg.run.progress)
-    model_path = run.save_model(out_dir / "model.pt", history, extra_meta)
-    return {**(history[-1] if history else {}), "model_path": str(model_path), "checkpoint_path": str(ckpt_path),
-            "out_dir": str(out_dir)}
+    model_path, meta = run.save_model(out_dir / "model.pt", history, extra_meta)
+    return {**meta["final_metrics"], "selected_epoch": meta["selected_epoch"], "model_path": str(model_path),
+            "checkpoint_path": str(ckpt_path), "out_dir": str(out_dir)}
