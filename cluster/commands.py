@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
@@ -42,18 +40,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     logger = None
     if not args.no_tracking:
         from cluster.train import run_storage
-        from dard.tracking import EpochLogger, check_tracking_uri, resumable_run
+        from dard.files import within
+        from dard.tracking import EpochLogger, check_tracking_uri, record_run, resumable_run
 
         uri = check_tracking_uri(args.tracking_uri)
         # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or
         # Ctrl-C) continues the run it started instead of opening a second one.
-        marker = Path(run_storage(cfg, args.storage_path)) / args.name / "mlflow_run.json"
+        marker = within(run_storage(cfg, args.storage_path), args.name, "mlflow_run.json")
         previous = resumable_run(uri, marker)
         logger = EpochLogger({"uri": uri, "experiment": args.experiment, "run_name": args.name,
                               "run_id": previous}, cfg)
-        if "://" not in str(marker):
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": uri}))
+        record_run(marker, logger.run_id, uri)
         tracking = {"uri": uri, "run_id": logger.run_id}
     try:
         result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,

@@ -30,6 +30,19 @@ def exists(uri: str | Path) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def within(base: str | Path, *names: str) -> str:
+    """``names`` below ``base``, a local path or a ``scheme://`` URI (pathlib would turn
+    ``s3://bucket`` into a local ``s3:/bucket``)."""
+    text = str(base)
+    return "/".join([text.rstrip("/"), *names]) if "://" in text else str(Path(text, *names))
+
+
 def sha256(uri: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     fs, path = resolve(uri)

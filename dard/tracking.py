@@ -213,21 +213,31 @@ MODEL_ARTIFACT = "dard-model.pt"
 MODEL_SHA256_TAG = "dard.model_sha256"  # the logged weights file's digest; registration copies it, loading checks it
 
 
-def resumable_run(tracking_uri: str, marker: Path) -> str | None:
-    """The MLflow run id recorded in ``marker`` (a previous attempt at the same training), re-opened
-    as RUNNING; None when there is none or the run is gone from the store."""
-    if not marker.is_file():
-        return None
+def resumable_run(tracking_uri: str, marker: str | Path) -> str | None:
+    """The MLflow run id recorded in ``marker`` (a path or a storage URI such as ``s3://...``: a
+    previous attempt at the same training), re-opened as RUNNING; None when there is none or the
+    run is gone from the store."""
     from mlflow.exceptions import MlflowException
 
+    from dard.files import exists, read_bytes
+
+    if not exists(marker):
+        return None
     try:
-        run_id = json.loads(marker.read_text())["run_id"]
+        run_id = json.loads(read_bytes(marker))["run_id"]
         store, _ = client(tracking_uri)
         if store.get_run(run_id).info.status != "RUNNING":
             store.update_run(run_id, status="RUNNING")
         return run_id
     except (MlflowException, KeyError, ValueError, OSError):
         return None
+
+
+def record_run(marker: str | Path, run_id: str, tracking_uri: str) -> None:
+    """Write ``marker`` (a path or a storage URI) naming the MLflow run of a training, for a rerun."""
+    from dard.files import atomic_write
+
+    atomic_write(marker, lambda f: f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}).encode()))
 
 
 def log_model(run_id: str, model_path: str | Path, example_input, registered_name: str | None = None,

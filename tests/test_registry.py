@@ -115,3 +115,23 @@ def test_a_store_that_cannot_be_created_for_want_of_space_is_named_and_not_left_
     with pytest.raises(TrackingError, match=f"tracking store {db}: no space left on its device"):
         client(f"sqlite:///{db}")
     assert not db.exists()
+
+
+def test_a_run_marker_on_a_storage_uri_stays_a_uri(tmp_path, monkeypatch):
+    """`dard train`'s rerun marker under a ``scheme://`` storage path is written there, not into a
+    local folder named ``file:`` (pathlib would make ``s3://b/x`` a local ``s3:/b/x``)."""
+    from dard.files import within
+    from dard.tracking import EpochLogger, record_run, resumable_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    storage = (tmp_path / "bucket").as_uri()  # file:///...: the same code path as s3:// or gs://
+    marker = within(storage, "run-1", "mlflow_run.json")
+    assert marker == f"{storage}/run-1/mlflow_run.json"
+    assert resumable_run(uri, marker) is None  # nothing there yet
+    logger = EpochLogger({"uri": uri, "experiment": "t"}, Config.for_dataset("digits"))
+    logger.close("KILLED")
+    record_run(marker, logger.run_id, uri)
+    assert (tmp_path / "bucket" / "run-1" / "mlflow_run.json").is_file()
+    assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))
+    assert resumable_run(uri, marker) == logger.run_id  # and re-opened for the rerun
