@@ -24,8 +24,21 @@ def test_schema_rejects_a_broken_config():
         validate_config(prepare_config(raw))
 
 
-def test_aws_config_installs_this_package_and_has_gpu_workers():
+def test_aws_config_has_gpu_workers():
     raw = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
     assert raw["provider"]["type"] == "aws" and raw["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert any("pip install -e ." in c for c in raw["setup_commands"])
     assert {"gpu_a10g", "gpu_a10g_x4"} <= set(raw["available_node_types"])
+
+
+@pytest.mark.parametrize("path", ["ray_cluster.yaml", "cluster/local.yaml"])
+def test_both_launchers_copy_the_checkout_lean_and_run_ray_from_its_venv(path):
+    """What `cluster/local.yaml` learned running for real (tests/test_ray_up.py), in both files:
+    the copy skips what .gitignore lists (a multi-GB .venv would go to every node), the package is
+    installed into a venv from the copied checkout, and every Ray start puts that venv first on PATH."""
+    raw = yaml.safe_load((REPO / path).read_text())
+    assert raw["rsync_filter"] == [".gitignore"] and ".venv" in (REPO / ".gitignore").read_text()
+    assert raw["file_mounts"] == {"~/dard": "."}
+    (setup,) = [c for c in raw["setup_commands"] if "pip install" in c]
+    assert "-m venv ~/dard-venv" in setup and "~/dard-venv/bin/pip install -q -e ~/dard" in setup
+    for command in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
+        assert "ray start" not in command or "PATH=~/dard-venv/bin:$PATH" in command, command
