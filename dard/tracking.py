@@ -257,7 +257,10 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
 
     if tracking_uri:
         client(tracking_uri)
-    model, _ = load_model(model_path)
+    model, header = load_model(model_path)
+    # the epoch whose weights the file holds: MLflow links the run's metrics at that step to the
+    # logged model (without it, its page showed epoch 0's)
+    step = (header.get("meta") or {}).get("selected_epoch")
     x = example_input[:2].cpu()
     with torch.no_grad():
         y = model(x).numpy()
@@ -270,7 +273,8 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
                         f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
         info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
                                        artifacts={"dard_model": str(copy)}, signature=signature,
-                                       registered_model_name=registered_name, pip_requirements=requirements)
+                                       registered_model_name=registered_name, pip_requirements=requirements,
+                                       **({"step": int(step)} if step is not None else {}))
         client(tracking_uri)[0].set_tag(run_id, MODEL_SHA256_TAG, file_sha256(copy))
         return info
 

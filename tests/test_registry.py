@@ -135,3 +135,22 @@ def test_a_run_marker_on_a_storage_uri_stays_a_uri(tmp_path, monkeypatch):
     assert (tmp_path / "bucket" / "run-1" / "mlflow_run.json").is_file()
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))
     assert resumable_run(uri, marker) == logger.run_id  # and re-opened for the rerun
+
+
+def test_a_logged_model_carries_the_metrics_of_the_epoch_it_holds(tmp_path):
+    """MLflow links a run's metrics at the logged model's step to the model (its page shows them):
+    the step is the epoch whose weights the file holds (here epoch 1 of 0-2), not epoch 0."""
+    import mlflow
+
+    from dard.tracking import EpochLogger, log_model
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config.for_dataset("digits")
+    path = save_model(tmp_path / "m.pt", build("cnn_small", 10, 1), arch="cnn_small", num_classes=10, in_channels=1,
+                      dataset="digits", meta={"config": cfg.to_dict(), "selected_epoch": 1})
+    logger = EpochLogger({"uri": uri, "experiment": "t"}, cfg)
+    for epoch, value in enumerate([0.1, 0.5, 0.3]):
+        logger.log({METRIC: value}, epoch)
+    info = log_model(logger.run_id, path, torch.rand(2, 1, 8, 8), tracking_uri=uri)
+    metrics = {m.key: (m.value, m.step) for m in mlflow.get_logged_model(info.model_id).metrics}
+    assert metrics[METRIC] == (0.5, 1)

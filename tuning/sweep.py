@@ -234,12 +234,11 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) ->
 
     from dard.checkpoint import load_checkpoint
     from dard.data import load_splits, to_float
-    from dard.models import build_for, save_for
+    from dard.training import save_selected
 
-    model = build_for(cfg.model, cfg.data)
-    model.load_state_dict(load_checkpoint(Path(checkpoint_path) / "checkpoint.pt")["model"])
-    path = save_for(Path(tempfile.mkdtemp()) / "model.pt", model, cfg.model, cfg.data,
-                    {"method": cfg.loss.method, "config": cfg.to_dict()})
+    # the trial's selected epoch (best validation robust accuracy), as every training path ships it
+    path, _ = save_selected(Path(tempfile.mkdtemp()) / "model.pt",
+                            load_checkpoint(Path(checkpoint_path) / "checkpoint.pt"), cfg)
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 
