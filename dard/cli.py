@@ -170,7 +170,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export, then run the exported file itself: parity and robustness next to the PyTorch model."""
-    import json
     import tempfile
 
     from dard.config import from_dict
@@ -208,15 +207,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
     from dard.data import load_splits
-    from dard.shards import PINNED_DATA, ShardReader, check_fingerprint
+    from dard.shards import PINNED_DATA, ShardReader
 
     reader = ShardReader(args.directory, check="none" if args.no_verify else "full")
     if not args.no_verify:  # the rows against the split the manifest claims, rebuilt from its own data fields
         m = reader.manifest
         data = {k: v for k, v in (m.get("data") or {}).items() if k in PINNED_DATA or k == "data_dir"}
         claimed = Config.for_dataset(m["dataset"], data=data).data
-        reader.check_rows(load_splits(claimed), m["split"], claimed.crop_padding)
-        check_fingerprint(args.directory, m)
+        reader.check_claims(load_splits(claimed), m["split"], claimed.crop_padding)
     s = reader.summary()
     print(f"{s['directory']}: {s['dataset']}/{s['split']}, {s['samples']} samples x {s['views']} views = {s['rows']} rows "
           f"in {s['parts']} parts, {s['bytes'] / 1e6:.2f} MB ({s['bytes_per_row']:.0f} B/row)")

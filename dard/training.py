@@ -23,7 +23,7 @@ from torch import nn
 from dard.checkpoint import (check_resumable, checkpoint_state, load_checkpoint, note_best, restore, save_checkpoint,
                              selected, selection_metric)
 from dard.config import Config, save_yaml, to_dict
-from dard.data import ArrayDataset, TrainBatch, iterate_batches, num_batches, load_splits
+from dard.data import ArrayDataset, Splits, TrainBatch, iterate_batches, num_batches, load_splits
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs
 from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
 from dard.models import build_for, file_sha256, load_teacher_for, save_for
@@ -79,11 +79,13 @@ def with_online_teacher(source: Callable[[int], Iterator[TrainBatch]],
     return lambda epoch: (dataclasses.replace(b, online_teacher=teacher) for b in source(epoch))
 
 
-def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full"):
+def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full",
+                splits: Splits | None = None):
     """A :class:`ShardReader` checked against the run: dataset, classes, the pinned data and attack
     fields, the teacher if given; with ``check="full"`` also every part's sha256 and every row
-    against the run's own training split (:meth:`ShardReader.check_rows`), whatever the manifest says."""
-    from dard.shards import ShardReader, check_fingerprint
+    against the run's own training split and the manifest's fingerprint against its own fields
+    (:meth:`ShardReader.check_claims`), whatever the manifest says. ``splits``: the run's, if loaded."""
+    from dard.shards import ShardReader
 
     reader = ShardReader(directory, check=check)
     raw = to_dict(cfg)
@@ -92,9 +94,8 @@ def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = N
                             teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
     if reader.manifest["split"] != "train":
         raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
-    if check == "full":  # the rows first: they name the split they really are
-        reader.check_rows(load_splits(cfg.data), "train", cfg.data.crop_padding)
-        check_fingerprint(directory, reader.manifest)
+    if check == "full":
+        reader.check_claims(splits or load_splits(cfg.data), "train", cfg.data.crop_padding)
     return reader
 
 
@@ -227,9 +228,9 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
     if cfg.optim.batch_size % world_size:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world_size} workers")
     local = cfg.optim.batch_size // world_size
-    splits = load_splits(cfg.data) if shards is None or rank == 0 else None
+    splits = load_splits(cfg.data) if shards is None or rank == 0 or check == "full" else None
     if shards is not None:
-        reader = open_shards(shards, cfg, teacher_path, check=check)
+        reader = open_shards(shards, cfg, teacher_path, check=check, splits=splits)
         source, steps = shard_batches(reader, cfg, rank, world_size, local)
         if steps == 0:
             raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")

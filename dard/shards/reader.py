@@ -13,7 +13,7 @@ from dard.files import join, resolve
 from dard.seeding import shard_order
 from dard.shards.format import PINNED_ATTACK, PINNED_DATA, ShardError, plain
 from dard.shards.store import read_manifest
-from dard.shards.verify import open_table, verify
+from dard.shards.verify import check_fingerprint, open_table, verify
 
 @dataclass
 class ShardBatch:
@@ -173,6 +173,12 @@ class ShardReader:
                          + (f"they are its {actual!r} split; {claimed}" if actual else
                             f"they match none of the run's splits: another dataset, split seed or fraction; {claimed}")
                          + "). Precompute shards for this run with `dard precompute`.")
+
+    def check_claims(self, splits: Splits, split: str, padding: int) -> None:
+        """What the manifest claims, checked: the rows first (:meth:`check_rows`: they name the split
+        they really are), then its fingerprint against its own fields (an edited teacher, attack, ...)."""
+        self.check_rows(splits, split, padding)
+        check_fingerprint(self.directory, self.manifest)
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
