@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cluster.ray_session import owns_ray
-from dard.cli import add_config_args, build_config
+from dard.cli import add_config_args, add_tracking_args, build_config
 from dard.config import METHODS
 from dard.logs import to_file
 
@@ -36,39 +36,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
     open_shards(args.shards, cfg, args.teacher, check="full")  # refused here: no MLflow run, nothing written
     to_file(cfg.run.out_dir)
-    tracking = None
-    logger = None
-    if not args.no_tracking:
-        from cluster.train import run_storage
-        from dard.files import within
-        from dard.tracking import EpochLogger, check_tracking_uri, record_run, resumable_run
+    from cluster.train import run_storage
+    from dard.files import within
+    from dard.tracking import check_tracking_uri, training_run
 
-        uri = check_tracking_uri(args.tracking_uri)
-        # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or
-        # Ctrl-C) continues the run it started instead of opening a second one.
-        marker = within(run_storage(cfg, args.storage_path), args.name, "mlflow_run.json")
-        previous = resumable_run(uri, marker)
-        logger = EpochLogger({"uri": uri, "experiment": args.experiment, "run_name": args.name,
-                              "run_id": previous}, cfg)
-        record_run(marker, logger.run_id, uri)
-        tracking = {"uri": uri, "run_id": logger.run_id}
-    try:
+    uri = None if args.no_tracking else check_tracking_uri(args.tracking_uri)
+    # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or Ctrl-C)
+    # continues the run it started instead of opening a second one.
+    with training_run(cfg, uri, experiment=args.experiment, run_name=args.name,
+                      marker=within(run_storage(cfg, args.storage_path), args.name, "mlflow_run.json")) as tracked:
         result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
-                                   out=args.out, teacher_path=args.teacher, tracking=tracking, check="fast")
-    except BaseException as err:
-        if logger is not None:
-            logger.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    if logger is not None:
-        logger.client.log_artifact(logger.run_id, result.model_path, artifact_path="model_file")
-        logger.close()
+                                   out=args.out, teacher_path=args.teacher, check="fast",
+                                   tracking=None if tracked is None else {"uri": uri, "run_id": tracked.run_id})
+        if tracked is not None:
+            tracked.finish(result.model_path)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers on "
           f"{result.metrics.get('nodes', 1)} node(s): "
-          f"{validation_summary(cfg, result.metrics)}")
+          f"{validation_summary(cfg, result.metrics)} (epoch {result.metrics['selected_epoch']})")
     print(f"model: {result.model_path}\ncheckpoint: {result.checkpoint_dir}\nRay run: {result.run_path}")
-    if logger is not None:
-        print(f"MLflow run {logger.run_id} in {tracking['uri']} (`mlflow ui --backend-store-uri {tracking['uri']}`)")
+    if tracked is not None:
+        print(f"MLflow run {tracked.run_id} in {uri} (`dard registry promote --run-id {tracked.run_id} --tracking-uri {uri}`)")
     return 0
 
 
@@ -118,11 +106,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-path", help="checkpoints (local dir or s3://...); default <run dir>/ray")
     p.add_argument("--name", default="dard-train", help="run name; the same name + storage path resumes")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
-    p.add_argument("--out", default="student.pt", help="final model file")
-    p.add_argument("--run-dir", help="run folder (default runs/default)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
-    p.add_argument("--experiment", default="dard")
-    p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--out", help="final model file, a path or URI (default <storage path>/<name>/model.pt, beside "
+                                 "its checkpoints)")
+    p.add_argument("--run-dir", help="run folder: dard.log, and the default storage path <run dir>/ray (default runs/default)")
+    add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("precompute", help="teacher soft labels on natural + DPGD views -> Arrow shards (Ray tasks)")

@@ -24,14 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dard.checkpoint import load_checkpoint, save_checkpoint
+from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config, from_dict, to_dict
+from dard.files import absolute, within
 from dard.engine import NonFiniteLossError, epoch_line
 from dard.logs import one_line
 from dard.training import open_shards, prepare, save_selected
 
 log = logging.getLogger("dard")
 CHECKPOINT_FILE = "checkpoint.pt"
+# what ranks a run's checkpoints: its selection metric (validation robust accuracy; natural for a
+# natural baseline), -1 on epochs without validation
+SCORE = "selection_score"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -72,6 +76,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
 
+    def scored(metrics: dict) -> dict:
+        return {**metrics, SCORE: metrics.get(selection_metric(cfg.loss.method), -1.0)}
+
     def report(epoch: int, metrics: dict, history: list) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -80,7 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 tracker.log(metrics, epoch)
                 print(epoch_line(cfg, metrics), flush=True)
-            ray.train.report(metrics, checkpoint=ckpt)  # every rank: it is a barrier
+            # every rank: it is a barrier. SCORE orders the checkpoints Ray keeps (the best and the latest)
+            ray.train.report(scored(metrics), checkpoint=ckpt)
 
     hook: Callable | None = config.get("step_hook")
     try:
@@ -98,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # its result): report that epoch again, or Tune would see the trial end with no result.
         if rank == 0:
             tracker.log(run.history[-1], run.start_epoch - 1)
-        ray.train.report(run.history[-1], checkpoint=checkpoint if rank == 0 else None)
+        ray.train.report(scored(run.history[-1]), checkpoint=checkpoint if rank == 0 else None)
     tracker.close()
 
 
@@ -165,8 +173,7 @@ def _rank0_tracker(tracking: dict | None, cfg: Config, rank: int):
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
     """Where Ray Train keeps a run's checkpoints: ``storage_path`` (a local dir or URI) or
     ``<run.out_dir>/ray``; the run itself is ``<storage>/<name>``."""
-    storage = storage_path or str(Path(cfg.run.out_dir).absolute() / "ray")
-    return storage if "://" in storage else str(Path(storage).absolute())
+    return absolute(storage_path or Path(cfg.run.out_dir) / "ray")
 
 
 def check_scaling(workers: int, max_failures: int, cpus_per_worker: float | None = None) -> None:
@@ -199,7 +206,9 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
     fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``callbacks``: Ray Train
     user callbacks (a Tune trial passes ``TuneReportCallback``). ``storage_path`` (local dir or ``s3://``)
-    holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file.
+    holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file
+    (a path or URI; default ``<storage>/<name>/model.pt``, beside its checkpoints: in a Ray job the
+    working directory is a temporary copy on the head).
     ``check``: how the shards are verified here (``full``: checksums and rows; ``fast`` when the
     caller just did that).
     """
@@ -220,11 +229,11 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     if use_gpu:
         resources["GPU"] = 1
     storage = run_storage(cfg, storage_path)
-    shards_abs = shards if "://" in str(shards) else str(Path(shards).absolute())
+    shards_abs = absolute(shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking,
-                           "teacher_path": str(Path(teacher_path).absolute()) if teacher_path else None,
+                           "teacher_path": absolute(teacher_path) if teacher_path else None,
                            "step_hook": step_hook, "fatal": fatal},
         # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
         torch_config=(LoopbackTorchConfig if cluster_is_local() else TorchConfig)(backend="nccl" if use_gpu else "gloo"),
@@ -232,7 +241,9 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # the best epoch by the selection metric, and the latest (Ray always keeps it)
+                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
+                                                                checkpoint_score_order="max"),
                              # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
@@ -252,7 +263,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path
-    out_path = Path(out) if out else Path(cfg.run.out_dir) / "model.pt"
+    out_path = out or within(storage, name, "model.pt")
     _, meta = save_selected(out_path, state, cfg, {"distributed": {"workers": workers, "use_gpu": use_gpu,
                                                                    "seconds": time.time() - started}})
     return DistributedResult(metrics={**meta["final_metrics"], "selected_epoch": meta["selected_epoch"]},

@@ -6,13 +6,14 @@ reads it and nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dard.files import atomic_write
+from dard.files import atomic_write, is_uri, read_bytes
 from dard.models.registry import unwrap
 
 
@@ -45,9 +46,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """A checkpoint file (a path or storage URI), read weights-only."""
+    path = path if is_uri(path) else Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(read_bytes(path)) if is_uri(path) else path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:

@@ -105,24 +105,39 @@ def build_config(args: argparse.Namespace) -> Config:
     return from_dict(raw)
 
 
-def _run_dir(out: Path, given: str | None) -> Path:
-    return Path(given) if given else out.with_name(out.stem + "-run")
+def add_tracking_args(p: argparse.ArgumentParser, experiment: str = "dard") -> None:
+    p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--experiment", default=experiment, help="MLflow experiment")
+    p.add_argument("--no-tracking", action="store_true", help="no MLflow run (nothing to promote afterwards)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """train-teacher and distill: one training function, different defaults."""
     from dard.engine import validation_summary
+    from dard.tracking import check_tracking_uri, training_run
     from dard.training import fit
 
-    out = Path(args.out)
-    cfg = build_config(args).updated(run={"out_dir": str(_run_dir(out, args.run_dir))})
+    out = Path(args.out) if args.out else None
+    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.stem + "-run") if out else Path("runs") / args.command
+    cfg = build_config(args).updated(run={"out_dir": str(run_dir)})
+    uri = None if args.no_tracking else check_tracking_uri(args.tracking_uri)
     logs.to_file(cfg.run.out_dir)  # library chatter and warnings: <run dir>/dard.log
-    result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
-                 shards=getattr(args, "shards", None), resume=args.resume)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result["model_path"], out)
+    with training_run(cfg, uri, experiment=args.experiment, run_name=f"{args.command} {cfg.loss.method} {cfg.model.arch}",
+                      marker=run_dir / "mlflow_run.json", resume=args.resume) as tracked:
+        result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
+                     shards=getattr(args, "shards", None), resume=args.resume,
+                     on_epoch_end=None if tracked is None else lambda epoch, metrics: tracked.log(metrics, epoch))
+        model = Path(result["model_path"])
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model, out)
+            model = out
+        if tracked is not None:
+            tracked.finish(model)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}: {validation_summary(cfg, result)}")
-    print(f"model: {out}   checkpoints and history: {cfg.run.out_dir}")
+    print(f"model: {model}   checkpoints and history: {cfg.run.out_dir}")
+    if tracked is not None:
+        print(f"MLflow run {tracked.run_id} in {uri} (`dard registry promote --run-id {tracked.run_id} --tracking-uri {uri}`)")
     return 0
 
 
@@ -331,9 +346,11 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train-teacher", help="adversarially train a teacher (TRADES, SAT) in one process; "
                                              "defaults: the dataset's teacher recipe (`dard config --teacher`)")
     add_config_args(p, method_default=None, methods=("natural", "sat", "trades"))
-    p.add_argument("--out", default="teacher.pt", help="model file to write")
-    p.add_argument("--run-dir", help="checkpoints + history (default: <out stem>-run/ beside --out)")
-    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
+    p.add_argument("--out", help="also copy the model file here (it is always <run dir>/model.pt)")
+    p.add_argument("--run-dir", help="checkpoints, history, model.pt, dard.log (default: runs/train-teacher, or "
+                                     "<out stem>-run/ beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint (and its MLflow run)")
+    add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train a student from a teacher (DARD, RSLAD, ARD) or a baseline")
@@ -342,9 +359,10 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--teacher-arch", help="architecture of a bare-state-dict teacher, e.g. wrn34_10")
     p.add_argument("--shards", help="train from precomputed soft-label shards (`dard precompute`) instead of "
                                     "running the teacher; with --teacher too, the shards must come from it")
-    p.add_argument("--out", default="student.pt")
-    p.add_argument("--run-dir")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", help="also copy the model file here (it is always <run dir>/model.pt)")
+    p.add_argument("--run-dir", help="default: runs/distill, or <out stem>-run/ beside --out")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint (and its MLflow run)")
+    add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="robustness report: natural, FGSM, PGD-20, BIM, T-PGD, CW, DPGD, AutoAttack")

@@ -16,9 +16,19 @@ import pyarrow.fs as pafs
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a pyarrow-supported URI."""
     text = str(uri)
-    if "://" in text:
+    if is_uri(text):
         return pafs.FileSystem.from_uri(text)
     return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` is a ``scheme://`` storage URI (never to go through pathlib)."""
+    return "://" in str(location)
+
+
+def absolute(location: str | Path) -> str:
+    """A URI unchanged; a local path made absolute (Ray workers and Tune run in other directories)."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().absolute())
 
 
 def join(base: str, name: str) -> str:
@@ -40,12 +50,32 @@ def within(base: str | Path, *names: str) -> str:
     """``names`` below ``base``, a local path or a ``scheme://`` URI (pathlib would turn
     ``s3://bucket`` into a local ``s3:/bucket``)."""
     text = str(base)
-    return "/".join([text.rstrip("/"), *names]) if "://" in text else str(Path(text, *names))
+    return "/".join([text.rstrip("/"), *names]) if is_uri(text) else str(Path(text, *names))
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    atomic_write(uri, lambda f: f.write(data))
+
+
+def make_dirs(uri: str | Path) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def listing(folder: str | Path) -> dict[str, str]:
+    """Every file below ``folder`` (path relative to it, ``/``-separated) -> its sha256."""
+    fs, root = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root):].lstrip("/"): _sha256_of(fs, info.path)
+            for info in sorted(infos, key=lambda i: i.path) if info.type == pafs.FileType.File}
 
 
 def sha256(uri: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
-    fs, path = resolve(uri)
+    return _sha256_of(*resolve(uri))
+
+
+def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
         while chunk := f.read(1 << 22):

@@ -3,9 +3,10 @@ better, list versions, load a model by path or by name (docs/design.md §6).
 
 Model name ``dard-<dataset>-<arch>``. Each version carries tags with its validation robust
 accuracy (``METRIC``: PGD and CW both fail, ``dard.engine.validation_metrics``), dataset, arch and
-the full run config; the alias moves only if the new version's metric beats the current
-champion's (both recorded on the new version). Loading reads only the version's dard weights
-file, weights-only, so a tampered registry entry cannot run code here.
+the sha256 of its weights, and the run's headline as its description; the run config travels in
+the weights file. The alias moves only if the new version's metric beats the current champion's
+(both recorded on the new version). dard loads only the version's dard weights file, weights-only
+and checked against the recorded sha256, so a tampered registry entry cannot run code here.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from dard.config import Config, from_dict
 from dard.logs import percent
-from dard.tracking import CONFIG_TAG, MODEL_ARTIFACT, MODEL_SHA256_TAG, TrackingError, check_tracking_uri
+from dard.tracking import (CONFIG_ARTIFACT, CONFIG_TAG, LOGGED_MODEL_TAG, MODEL_ARTIFACT, MODEL_SHA256_TAG,
+                           TrackingError, check_tracking_uri)
 from dard.tracking import client as tracking_client
 
 ALIAS = "champion"
@@ -66,8 +68,10 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
             folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp)
         except mlflow.exceptions.MlflowException as err:
             raise TrackingError(f"{model_uri}: its files cannot be read ({err.message.splitlines()[0]})") from err
-        weights = Path(folder) / "artifacts" / MODEL_ARTIFACT
-        if not weights.is_file():
+        # extra_files/: MLflow's PyTorch flavour (dard >= 0.2); artifacts/: the pyfunc of earlier versions
+        weights = next((p for p in (Path(folder) / "extra_files" / MODEL_ARTIFACT, Path(folder) / "artifacts" / MODEL_ARTIFACT)
+                        if p.is_file()), None)
+        if weights is None:
             raise TrackingError(f"{model_uri}: holds no {MODEL_ARTIFACT} (registered by another tool or an older "
                                 "dard?); dard loads registry models only from that weights-only file")
         # the file must be the one registered: its digest (and then its architecture) as recorded
@@ -82,7 +86,8 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
         if version.tags.get("dard.arch") not in (None, file_header["arch"]):
             raise TrackingError(f"{model_uri}: its weights are a {file_header['arch']}, the registration says "
                                 f"{version.tags['dard.arch']}; not loading it")
-    config = json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None
+    config = (file_header.get("meta") or {}).get("config") or (
+        json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None)
     header = {**file_header, "format": "registry", "run_id": version.run_id,
               "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
                        "registry": f"{name} v{version.version}"}}
@@ -116,7 +121,7 @@ def model_name(cfg) -> str:
 
 
 def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None = None) -> Promotion:
-    """Register the model logged in ``run_id`` (artifact ``model``) and move the alias if better."""
+    """Register the model logged in ``run_id`` (:func:`dard.tracking.log_model`) and move the alias if better."""
     import mlflow
     client, _ = tracking_client(tracking_uri)
     name = name or model_name(cfg)
@@ -127,16 +132,19 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
     if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
         v = earlier[0]
         return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
-    digest = client.get_run(run_id).data.tags.get(MODEL_SHA256_TAG)
-    if not digest:
-        raise TrackingError(f"run {run_id}: its model was logged without the sha256 of its weights ({MODEL_SHA256_TAG}"
-                            " tag; a run of an older dard, or no model logged): nothing to register")
+    run_tags = client.get_run(run_id).data.tags
+    digest, logged = run_tags.get(MODEL_SHA256_TAG), run_tags.get(LOGGED_MODEL_TAG)
+    if not digest or not logged:
+        raise TrackingError(f"run {run_id}: no model logged by dard in it (no {MODEL_SHA256_TAG} or {LOGGED_MODEL_TAG} "
+                            "tag: a run of an older dard, or one that ended before its model was logged): nothing to register")
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
-        version = mlflow.register_model(f"runs:/{run_id}/model", name).version
+        version = mlflow.register_model(f"models:/{logged}", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
-            CONFIG_TAG: json.dumps(cfg.to_dict()), "dard.run_id": run_id, MODEL_SHA256_TAG: digest}
+            "dard.method": cfg.loss.method, "dard.run_id": run_id, MODEL_SHA256_TAG: digest}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
+    if run_tags.get("mlflow.note.content"):
+        client.update_model_version(name, version, description=run_tags["mlflow.note.content"])
     previous, previous_metric = None, None
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
@@ -175,8 +183,15 @@ def show(tracking_uri: str, name: str) -> list[dict]:
 
 
 def run_config(tracking_uri: str, run_id: str) -> Config:
-    """The config a run was trained with (its ``dard.config`` tag, validated); for promoting a run by id."""
-    tags = tracking_client(tracking_uri)[0].get_run(run_id).data.tags
-    if CONFIG_TAG not in tags:
-        raise TrackingError(f"run {run_id} has no {CONFIG_TAG} tag: it was not logged by dard's training or sweep")
-    return from_dict(json.loads(tags[CONFIG_TAG]))
+    """The config a run was trained with (its ``config.json`` artifact, validated); for promoting a run by id."""
+    import mlflow
+
+    client, _ = tracking_client(tracking_uri)
+    tags = client.get_run(run_id).data.tags
+    if CONFIG_TAG in tags:  # a run of dard before 0.2
+        return from_dict(json.loads(tags[CONFIG_TAG]))
+    try:
+        return from_dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}"))
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"run {run_id} has no {CONFIG_ARTIFACT} artifact: it was not logged by dard's training "
+                            "or sweep") from err

@@ -1,12 +1,14 @@
 """MLflow tracking: runs, params, per-epoch metrics, reports, logged models (docs/design.md §6).
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<absolute cwd>/mlflow.db`` -- always
-absolute, because Ray workers run in another directory. Models are logged as a pyfunc *from
-code* (``dard/mlflow_model.py``) around the dard model file: nothing is pickled. The model
-registry (register, champion alias, loading by name) is ``dard.registry``.
+absolute, because Ray workers run in another directory. Models are logged in MLflow's own PyTorch
+flavour as a ``torch.export`` program (``pt2``), so MLflow serves them where dard is not installed;
+the dard model file rides along for dard's own weights-only loading. The model registry (register,
+champion alias, loading by name) is ``dard.registry``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_EXPERIMENT = "dard"
-CONFIG_TAG = "dard.config"  # a run's (and a registered version's) whole config, JSON
+CONFIG_ARTIFACT = "config.json"  # a run's whole config (a tag of 1-2 KB broke MLflow's pages)
+CONFIG_TAG = "dard.config"  # where runs of dard before 0.2 kept it; still read
+LOGGED_MODEL_TAG = "dard.logged_model_id"  # the MLflow model a run logged (what `promote` registers)
 
 
 class TrackingError(RuntimeError):
@@ -135,12 +139,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def system_tags(cfg, teacher_sha256: str | None = None, shards_fingerprint: str | None = None) -> dict[str, str]:
     from dard import __version__
 
-    from dard.config import to_dict
+    from mlflow.tracking.context.registry import resolve_tags
 
-    # the whole config as one JSON tag: the exact run, for `dard registry promote --run-id` (params
-    # are flattened strings: None, tuples and empty values do not come back from them)
-    tags = {"dard.version": __version__, "dard.dataset": cfg.data.dataset, "dard.method": cfg.loss.method,
-            "dard.arch": cfg.model.arch, CONFIG_TAG: json.dumps(to_dict(cfg))}
+    # MLflow's standard tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.commit): a
+    # client-made run gets none of them by itself
+    tags = {**resolve_tags(), "dard.version": __version__, "dard.dataset": cfg.data.dataset,
+            "dard.method": cfg.loss.method, "dard.arch": cfg.model.arch}
     commit = git_commit()
     if commit:
         tags["dard.git_commit"] = commit
@@ -181,6 +185,7 @@ class EpochLogger:
 
         self.mlflow = mlflow
         self.client, uri = client(tracking["uri"])
+        self.uri = uri
         tags = {**system_tags(cfg), **(tracking.get("tags") or {})}
         if tracking.get("parent_run_id"):
             tags["mlflow.parentRunId"] = tracking["parent_run_id"]
@@ -196,6 +201,10 @@ class EpochLogger:
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+            # the exact config, for `dard registry promote --run-id` (params are flattened strings:
+            # None, tuples and empty values do not come back from them)
+            self.client.log_dict(self.run_id, to_dict(cfg), CONFIG_ARTIFACT)
+            self.client.log_inputs(self.run_id, datasets=[training_dataset(cfg)])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         import time
@@ -207,6 +216,43 @@ class EpochLogger:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def training_dataset(cfg):
+    """The run's training data as an MLflow dataset input (metadata only: name, source, a digest of
+    what selects its rows; the images stay where they are)."""
+    import hashlib
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from dard.config import to_dict
+
+    data = to_dict(cfg)["data"]
+    source = CodeDatasetSource({"dataset": cfg.data.dataset,
+                                "location": cfg.data.data_dir or ("sklearn.datasets.load_digits"
+                                                                  if cfg.data.dataset == "digits" else "default")})
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    dataset = MetaDataset(source, name=f"{cfg.data.dataset}-train", digest=digest)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def run_note(header: dict) -> str:
+    """The headline of a model file (markdown): what it is, the epoch it holds, its validation numbers."""
+    from dard.config import from_dict
+    from dard.engine import validation_summary
+
+    from dard.logs import percent
+
+    meta = header.get("meta") or {}
+    cfg = from_dict(meta["config"])
+    epoch, metrics = meta.get("selected_epoch"), meta.get("final_metrics") or {}
+    k = cfg.run.eval_pgd_steps
+    numbers = (f"{validation_summary(cfg, metrics)}, PGD-{k}+CW-{k} {percent(metrics['val_robust_acc'])}"
+               if "val_robust_acc" in metrics else "no validation metrics")
+    held = f", the weights of epoch {epoch} (of 0-{cfg.optim.epochs - 1})" if epoch is not None else ""
+    return f"{cfg.loss.method} {header['arch']} on {cfg.data.dataset}{held}: {numbers}"
 
 
 MODEL_ARTIFACT = "dard-model.pt"
@@ -240,11 +286,22 @@ def record_run(marker: str | Path, run_id: str, tracking_uri: str) -> None:
     atomic_write(marker, lambda f: f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}).encode()))
 
 
-def log_model(run_id: str, model_path: str | Path, example_input, registered_name: str | None = None,
-              tracking_uri: str | None = None):
-    """Log the dard model file ``model_path`` into ``run_id`` as artifact ``model`` (pyfunc from
-    code, signature from ``example_input`` (N, C, H, W) in [0, 1]); returns the ModelInfo."""
-    import shutil
+def logged_model_name(dataset: str, arch: str, method: str) -> str:
+    """The logged model's name in a run, e.g. ``digits-cnn_small-dard``."""
+    return f"{dataset}-{arch}-{method}"
+
+
+def log_model(run_id: str, model_path: str | Path, example_input, tracking_uri: str | None = None):
+    """Log the dard model file ``model_path`` into ``run_id`` the way every training path does.
+
+    MLflow's PyTorch flavour, ``serialization_format="pt2"``: a ``torch.export`` program that
+    MLflow loads and serves with only torch installed (no dard), with a signature and an input
+    example from ``example_input`` (N >= 2, C, H, W) in [0, 1], at ``step=`` the epoch whose
+    weights the file holds (MLflow shows that step's metrics on the model page). Under
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` MLflow refuses any record of the archive that is
+    not plain data; dard itself loads only the weights-only dard file logged beside it
+    (``extra_files/dard-model.pt``, sha256 in the run's ``dard.model_sha256`` tag). Sets the run's
+    description to the model's headline numbers. Returns MLflow's ModelInfo."""
     import tempfile
 
     import mlflow
@@ -252,31 +309,82 @@ def log_model(run_id: str, model_path: str | Path, example_input, registered_nam
     import torch
     from mlflow.models import infer_signature
 
-    import dard
+    from dard.files import read_bytes
     from dard.models import file_sha256, load_model
 
-    if tracking_uri:
-        client(tracking_uri)
+    store, _ = client(tracking_uri)
     model, header = load_model(model_path)
-    # the epoch whose weights the file holds: MLflow links the run's metrics at that step to the
-    # logged model (without it, its page showed epoch 0's)
-    step = (header.get("meta") or {}).get("selected_epoch")
-    x = example_input[:2].cpu()
+    meta = header.get("meta") or {}
+    step = meta.get("selected_epoch")
+    # two images: torch.export makes a size-1 batch dimension static
+    x = np.ascontiguousarray(example_input[:2].cpu().numpy(), dtype=np.float32)
     with torch.no_grad():
-        y = model(x).numpy()
-    signature = infer_signature(x.numpy().astype(np.float32), y)
+        y = model(torch.from_numpy(x)).numpy()
+    config = meta.get("config") or {}
+    name = logged_model_name(header["dataset"], header["arch"], meta.get("method") or
+                             config.get("loss", {}).get("method", "model"))
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         copy = Path(tmp) / MODEL_ARTIFACT
-        shutil.copyfile(model_path, copy)
-        # Stated, not inferred: inference runs a subprocess that imports the model (~7 s a model).
-        requirements = [f"mlflow=={mlflow.__version__}", f"dard=={dard.__version__}",
-                        f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                                       artifacts={"dard_model": str(copy)}, signature=signature,
-                                       registered_model_name=registered_name, pip_requirements=requirements,
-                                       **({"step": int(step)} if step is not None else {}))
-        client(tracking_uri)[0].set_tag(run_id, MODEL_SHA256_TAG, file_sha256(copy))
-        return info
+        copy.write_bytes(read_bytes(model_path))  # a path or a storage URI
+        # Stated, not inferred: inference imports the model in a subprocess (seconds a model).
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+        info = mlflow.pytorch.log_model(model, name=name, serialization_format="pt2", input_example=x,
+                                        signature=infer_signature(x, y), pip_requirements=requirements,
+                                        extra_files=[str(copy)], **({"step": int(step)} if step is not None else {}))
+    store.set_tag(run_id, MODEL_SHA256_TAG, file_sha256(model_path))
+    store.set_tag(run_id, LOGGED_MODEL_TAG, info.model_id)
+    if config:
+        store.set_tag(run_id, "mlflow.note.content", run_note(header))
+    return info
+
+
+class TrainingRun:
+    """The MLflow run of one training, opened at its first use (the first epoch's metrics, or the
+    run id a Ray worker needs): a training refused for bad input opens none and writes nothing."""
+
+    def __init__(self, cfg, tracking_uri: str, experiment: str, run_name: str, marker: str | Path, resume: bool):
+        self.cfg, self.uri, self.experiment, self.run_name = cfg, tracking_uri, experiment, run_name
+        self.marker, self.resume = marker, resume
+        self.logger: EpochLogger | None = None
+
+    def open(self) -> EpochLogger:
+        if self.logger is None:
+            previous = resumable_run(self.uri, self.marker) if self.resume else None
+            self.logger = EpochLogger({"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                                       "run_id": previous}, self.cfg)
+            record_run(self.marker, self.logger.run_id, self.uri)
+        return self.logger
+
+    @property
+    def run_id(self) -> str:
+        return self.open().run_id
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.open().log(metrics, step)
+
+    def finish(self, model_path: str | Path) -> None:
+        """Log the run's model (:func:`log_model`, an input example from the validation split) and close it."""
+        from dard.data import load_splits, to_float
+
+        log_model(self.run_id, model_path, to_float(load_splits(self.cfg.data).val.images[:2]), self.uri)
+        self.logger.close()
+
+
+@contextlib.contextmanager
+def training_run(cfg, tracking_uri: str | None, *, experiment: str, run_name: str, marker: str | Path,
+                 resume: bool = True):
+    """One MLflow run for one training, the same on every path: yields a :class:`TrainingRun`
+    (None when ``tracking_uri`` is None: tracking off), which the caller ends with ``finish(model)``.
+    ``marker`` (a path or storage URI) names the run, so a rerun of the same training after a crash
+    or a signal continues it instead of opening a second one (``resume`` False: a new run, the
+    marker rewritten). An error or a signal inside closes an opened run FAILED or KILLED."""
+    run = TrainingRun(cfg, tracking_uri, experiment, run_name, marker, resume) if tracking_uri else None
+    try:
+        yield run
+    except BaseException as err:
+        if run is not None and run.logger is not None:
+            run.logger.close("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
 
 
 def log_report_artifacts(run_id: str, paths: dict[str, Path], tracking_uri: str | None = None,

@@ -1,6 +1,7 @@
 """Bad inputs and faults, as a user meets them through the CLI: each ends with a non-zero exit,
 one line naming the problem, and nothing written or registered (issue: nothing silent, nothing
 leaked). One case per class of defect; the Ray-side ones live in test_sweep/test_cluster_train."""
+import io
 import json
 import os
 import shutil
@@ -248,6 +249,35 @@ def test_tampered_registry_entry_cannot_run_code(tmp_path, monkeypatch, capsys):
         torch.save({"format": "dard-model/1", "x": Payload()}, f)  # a pickle that runs code when unpickled
     fails(["evaluate", "--model", f"models:/{p.name}@champion", "--tracking-uri", uri], capsys,
           "replaced after registration")
+    assert not marker.exists()
+
+    # The program MLflow serves (data/model.pt2) with a payload in place of its weights: under
+    # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, as the README tells a deployment to run, MLflow
+    # checks every record of the archive before torch reads it, and refuses this one.
+    import zipfile
+
+    import mlflow
+
+    programs = [f for f in tmp_path.rglob("model.pt2") if "mlruns" in f.parts]
+    assert programs
+    payload = io.BytesIO()
+    torch.save({"w": Payload()}, payload)
+    for f in programs:
+        with zipfile.ZipFile(f) as z:
+            records = {n: z.read(n) for n in z.namelist()}
+        weights = [n for n in records if "/data/weights/" in n and not n.endswith(".json")]
+        assert weights
+        for n in [n for n in records if "/data/weights/" in n and n.endswith("_config.json")]:
+            config = json.loads(records[n])  # tell torch to unpickle the records, as a forger would
+            for entry in config["config"].values():
+                entry["use_pickle"] = True
+            records[n] = json.dumps(config).encode()
+        with zipfile.ZipFile(f, "w") as z:
+            for n, data in records.items():
+                z.writestr(n, payload.getvalue() if n in weights else data)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not a pickle-free payload"):
+        mlflow.pyfunc.load_model(f"models:/{p.name}@champion")
     assert not marker.exists()
 
 

@@ -30,11 +30,14 @@ def test_fashion_mnist_teacher_shards_ddp_sweep_evaluate(ray_session, tmp_path, 
                  "--tracking-uri", uri, "--run-dir", str(tmp_path / "ray")]) == 0
     out = capsys.readouterr().out
     assert "on fashion-mnist" in out and student.exists()
+    train_run = out.split("MLflow run ")[-1].split()[0]  # a `dard train` run promotes like any other
+    assert main(["registry", "promote", "--run-id", train_run, "--tracking-uri", uri]) == 0
+    assert "registered dard-fashion-mnist-cnn_small v1" in capsys.readouterr().out
 
     assert main(["sweep", *SLICE, "--shards", str(shards), "--trials", "1", "--epochs", "1", "--name", "fmnist",
                  "--tracking-uri", uri, "--run-dir", str(tmp_path / "sweep")]) == 0
     versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'dard-fashion-mnist-cnn_small'")
-    assert len(versions) == 1
+    assert len(versions) == 2  # the `dard train` run's and the sweep's best
 
     assert main(["evaluate", "--model", str(student), "--attacks", "natural,pgd20", "--limit", "100", "--no-checks",
                  "--no-progress", "--out-dir", str(tmp_path / "eval")]) == 0

@@ -12,32 +12,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
-from dard.files import sha256
+from dard.files import listing, read_bytes, within, write_bytes
 
 SEAL_FILE = "dard-sealed-state.json"
 SEAL_TAG = "dard.sealed_state_sha256"
 UNSEALED = {SEAL_FILE, "dard.log"}  # top-level files that are not Tune's state (dard's own log is appended to)
 
 
-def _listing(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and str(p.relative_to(folder)) not in UNSEALED}
+def _listing(folder: str) -> dict[str, str]:
+    return {name: digest for name, digest in listing(folder).items() if name not in UNSEALED}
 
 
 def _digest(listing: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
-def seal(folder: Path, client, run_id: str) -> None:
-    """List every state file of ``folder`` with its sha256; tag the list's digest on ``run_id``."""
-    listing = _listing(folder)
-    (folder / SEAL_FILE).write_text(json.dumps(listing, indent=1, sort_keys=True))
-    client.set_tag(run_id, SEAL_TAG, _digest(listing))
+def seal(folder: str, client, run_id: str) -> None:
+    """List every state file of ``folder`` (a path or storage URI) with its sha256; tag the list's
+    digest on ``run_id``."""
+    files = _listing(folder)
+    write_bytes(within(folder, SEAL_FILE), json.dumps(files, indent=1, sort_keys=True).encode())
+    client.set_tag(run_id, SEAL_TAG, _digest(files))
 
 
-def check_sealed(folder: Path, client, run_id: str) -> None:
+def check_sealed(folder: str, client, run_id: str) -> None:
     """ValueError unless ``folder`` holds exactly the files :func:`seal` recorded for ``run_id``."""
     start_anew = "start a new sweep (another --name)"
     expected = client.get_run(run_id).data.tags.get(SEAL_TAG)
@@ -45,11 +44,11 @@ def check_sealed(folder: Path, client, run_id: str) -> None:
         raise ValueError(f"{folder}: this sweep's state was never sealed (it was killed before it could save it); "
                          f"it cannot be resumed safely: {start_anew}")
     try:
-        recorded = json.loads((folder / SEAL_FILE).read_text())
+        recorded = json.loads(read_bytes(within(folder, SEAL_FILE)))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{folder / SEAL_FILE}: unreadable ({err}); {start_anew}") from err
+        raise ValueError(f"{within(folder, SEAL_FILE)}: unreadable ({err}); {start_anew}") from err
     if not isinstance(recorded, dict) or _digest(recorded) != expected:
-        raise ValueError(f"{folder / SEAL_FILE}: not the list this sweep sealed (its digest differs from the "
+        raise ValueError(f"{within(folder, SEAL_FILE)}: not the list this sweep sealed (its digest differs from the "
                          f"tracking store's); refusing to resume: {start_anew}")
     found = _listing(folder)
     changed = sorted(set(found) ^ set(recorded)) + sorted(k for k in found if k in recorded and found[k] != recorded[k])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dard.config import Config
+from dard.files import absolute, exists, make_dirs, read_bytes, within, write_bytes
 from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
 from dard.tracking import EpochLogger, check_tracking_uri, log_model
 from dard.tracking import client as tracking_client
@@ -96,7 +97,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     params = dict(config)
     cfg = apply(from_dict(ctx["run"]), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = cfg.updated(run={"out_dir": str(Path(ctx["storage"]) / "trials" / trial_id)})
+    cfg = cfg.updated(run={"out_dir": ctx["trials_dir"] + "/" + trial_id})
     tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
                            "parent_run_id": ctx["parent_run_id"],
                            "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
@@ -104,7 +105,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         train_distributed(
             cfg, ctx["shards"], workers=ctx["workers"], use_gpu=ctx["use_gpu"], name=f"train-{trial_id}",
-            storage_path=str(Path(ctx["storage"]) / "train"), max_failures=1,
+            storage_path=within(ctx["storage"], "train"), max_failures=1,
             tracking={"uri": ctx["tracking_uri"], "run_id": tracker.run_id}, callbacks=[TuneReportCallback()],
             cpus_per_worker=ctx["cpus_per_worker"])
     except BaseException:
@@ -140,9 +141,9 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     cfg = cfg.updated(loss={"method": space_dict.get("method", cfg.loss.method)})
     uri = check_tracking_uri(tracking_uri)
     open_shards(shards, cfg, check="full")
-    storage = Path(storage_path or Path(cfg.run.out_dir) / "sweeps").absolute()
-    experiment_path = storage / name
-    if resume and not experiment_path.exists():
+    storage = absolute(storage_path or Path(cfg.run.out_dir) / "sweeps")
+    experiment_path = within(storage, name)
+    if resume and not exists(experiment_path):
         raise FileNotFoundError(f"--resume: no sweep at {experiment_path}; run it once without --resume")
 
     from cluster.ray_session import cluster_has_gpus, ensure_ray
@@ -156,17 +157,17 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         use_gpu = cluster_has_gpus()
     if max_concurrent is None:
         max_concurrent = max(1, int(ray.cluster_resources().get("GPU", 0)) // workers_per_trial) if use_gpu else 1
-    experiment_path.mkdir(parents=True, exist_ok=True)
-    parent_file = experiment_path / PARENT_FILE
-    if resume and parent_file.exists():
-        parent_run_id = json.loads(parent_file.read_text())["run_id"]
+    make_dirs(experiment_path)
+    parent_file = within(experiment_path, PARENT_FILE)
+    if resume and exists(parent_file):
+        parent_run_id = json.loads(read_bytes(parent_file))["run_id"]
     else:
         parent = EpochLogger({"uri": uri, "experiment": experiment, "run_name": name,
                               "tags": {"dard.sweep": name, "dard.space": json.dumps(space_dict)[:5000]}}, cfg)
         parent_run_id = parent.run_id
-        parent_file.write_text(json.dumps({"run_id": parent_run_id}))
-    ctx = {"run": cfg.to_dict(), "shards": shards if "://" in shards else str(Path(shards).absolute()),
-           "workers": workers_per_trial, "use_gpu": use_gpu, "storage": str(experiment_path),
+        write_bytes(parent_file, json.dumps({"run_id": parent_run_id}).encode())
+    ctx = {"run": cfg.to_dict(), "shards": absolute(shards), "workers": workers_per_trial, "use_gpu": use_gpu,
+           "storage": experiment_path, "trials_dir": str(Path(cfg.run.out_dir).absolute() / "trials" / name),
            "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
            "cpus_per_worker": cpus_per_worker}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
@@ -174,7 +175,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
     if resume:
         check_sealed(experiment_path, tracking_client(uri)[0], parent_run_id)  # before Tune unpickles anything
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=to_tune(space_dict))
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
         restored = tuner._local_tuner.get_run_config()
@@ -191,7 +192,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
                                         grace_period=min(grace_period, cfg.optim.epochs))),
             # Tune's status table (every parameter, every few seconds) only with --verbose; the
             # console gets the epoch lines and one line per finished trial (the watcher).
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[watcher],
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[watcher],
                                       verbose=tune_verbose,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
@@ -222,23 +223,21 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     _close_children(uri, parent_run_id, finished_ids)
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
     if best_run_id:
-        _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params))
+        _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params),
+                        within(experiment_path, "best-model.pt"))
     _summarise_parent(uri, parent_run_id, best_params, best_metrics, len(grid))
     return SweepResult(best_params, best_metrics, best.metrics["checkpoint_path"], best_run_id, parent_run_id,
                        len(grid), str(experiment_path))
 
 
-def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config) -> None:
-    """The best trial's student (from its last checkpoint) into its child run, with a signature."""
-    import tempfile
-
+def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config, out: str) -> None:
+    """The best trial's student (its selected epoch, from its last checkpoint) to ``out`` and into
+    its child run, logged as every training path logs its model."""
     from dard.checkpoint import load_checkpoint
     from dard.data import load_splits, to_float
     from dard.training import save_selected
 
-    # the trial's selected epoch (best validation robust accuracy), as every training path ships it
-    path, _ = save_selected(Path(tempfile.mkdtemp()) / "model.pt",
-                            load_checkpoint(Path(checkpoint_path) / "checkpoint.pt"), cfg)
+    path, _ = save_selected(out, load_checkpoint(within(checkpoint_path, "checkpoint.pt")), cfg)
     log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dard.files import atomic_write
+from dard.files import atomic_write, exists, is_uri, read_bytes
 from dard.files import sha256 as file_sha256
 
 from dard.models.registry import build, unwrap
@@ -42,8 +42,9 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
 
 
 def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
-               dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path:
-    path = Path(path)
+               dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path | str:
+    """Write a dard model file to ``path`` (a local path, returned as a Path, or a storage URI)."""
+    path = path if is_uri(path) else Path(path)
     model = unwrap(model)
     check_finite(model.state_dict(), f"model for {path}")
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
@@ -55,8 +56,13 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: in
 
 def read_file(path: str | Path, data: bytes | None = None) -> Any:
     """torch.load with weights_only=True (never unpickles arbitrary objects). ``data``: the file's
-    bytes, already read (a Ray task gets the teacher from the object store); ``path`` then names it."""
-    path = Path(path)
+    bytes, already read (a Ray task gets the teacher from the object store); ``path`` then names it.
+    ``path`` may be a storage URI."""
+    if data is None and is_uri(path):
+        if not exists(path):
+            raise ModelFileError(f"model file not found: {path}")
+        data = read_bytes(path)
+    path = path if is_uri(path) else Path(path)
     if data is None and not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
