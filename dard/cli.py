@@ -14,8 +14,8 @@ import yaml
 
 from dard import logs
 from dard.logs import one_line
-from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, METHODS, STEP_SCHEDULES, Config, ConfigError,
-                         load_yaml, teacher_config)
+from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, EXPORT_FORMATS, METHODS, STEP_SCHEDULES,
+                         Config, ConfigError, load_yaml, teacher_config)
 
 log = logging.getLogger("dard")
 
@@ -193,6 +193,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dard.export import ExportError, check_export, export_model, load_export
     from dard.registry import load_reference
 
+    bad = [f"{flag}: must be in [0, 1], got {value:g}" for flag, value in (
+        ("--tolerance", args.tolerance), ("--min-agreement", args.min_agreement), ("--max-drop", args.max_drop))
+        if not 0 <= value <= 1]
+    if bad:
+        raise ValueError("; ".join(bad))
+
     model, header = load_reference(args.model, args.tracking_uri)
     saved = (header.get("meta") or {}).get("config")
     cfg = from_dict(saved) if saved else Config.for_dataset(header["dataset"])
@@ -202,21 +208,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     test = load_splits(cfg.data).test
     x, y = to_float(test.images)[:settings.limit], test.labels[:settings.limit]
     out = Path(args.out)
+    label = args.format + (" int8" if args.int8 else "")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        staged = export_model(model, x[:2], args.format, Path(tmp) / out.name)  # checked before it is kept
-        check = check_export(model, load_export(staged), x, y, settings, square_limit=args.aa_limit)
-        print(f"{header['arch']} on {cfg.data.dataset} test ({check.samples} samples), eps={settings.eps:.4g}, "
-              f"{args.format}:")
-        print(check.table())
-        if not check.passed(args.tolerance):
-            raise ExportError(f"the {args.format} export differs from the model (max |delta logit| "
-                              f"{check.max_abs_logit_diff:.2e} > {args.tolerance:g}, or predictions disagree); "
-                              f"nothing written to {out}")
+        staged = export_model(model, x[:2], args.format, Path(tmp) / out.name, int8=args.int8)  # checked before it is kept
+        check = check_export(model, load_export(staged, args.format), x, y, settings, square_limit=args.aa_limit)
+        print(f"{header['arch']} on {cfg.data.dataset} test ({check.samples} samples), eps={settings.eps:.4g}, {label}:")
+        print(check.table(label))
+        problems = check.problems(args.tolerance, int8=args.int8, min_agreement=args.min_agreement,
+                                  max_drop=args.max_drop)
+        if problems:
+            raise ExportError(f"the {label} export differs from the model ({'; '.join(problems)}); nothing written to {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
         staged.replace(out)
-    out.with_suffix(".check.json").write_text(json.dumps({"model": str(args.model), "format": args.format,
-                                                          "eps": settings.eps, **check.to_dict()}, indent=2))
-    print(f"export: {out}   check: {out.with_suffix('.check.json')}")
+    out.with_suffix(out.suffix + ".check.json").write_text(json.dumps(
+        {"model": str(args.model), "format": args.format, "int8": args.int8, "eps": settings.eps, **check.to_dict()},
+        indent=2))
+    print(f"export: {out}   check: {out.with_suffix(out.suffix + '.check.json')}")
     return 0
 
 
@@ -382,17 +389,23 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a model (torch.export .pt2) and re-check parity and robustness "
-                                      "on the exported file itself")
+    p = sub.add_parser("export", help="export a model (torch.export .pt2, ONNX, TorchScript; ONNX int8) and re-check "
+                                      "parity and robustness on the exported file itself, run by its own runtime")
     p.add_argument("--model", required=True, help="dard model file, or models:/NAME@ALIAS from the MLflow registry")
-    p.add_argument("--format", choices=("pt2",), default="pt2")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="pt2",
+                   help="pt2 (torch.export), onnx (ONNX Runtime; needs dard[export]), torchscript (deprecated by PyTorch)")
+    p.add_argument("--int8", action="store_true", help="with --format onnx: int8 weights (ONNX Runtime dynamic "
+                                                        "quantisation), kept only within --min-agreement and --max-drop")
     p.add_argument("--out", required=True, help="the exported file (written only if the re-check passes)")
     p.add_argument("--tracking-uri")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=500, help="test samples for parity and PGD-20 transfer")
     p.add_argument("--aa-limit", type=int, default=100, help="test samples for the Square attack through each model")
     p.add_argument("--eps", type=pixel_value, help="default: the model's training eps")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |delta logit| accepted")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |delta logit| accepted (float exports)")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="int8: least fraction of predictions that must agree")
+    p.add_argument("--max-drop", type=float, default=0.02, help="int8: most accuracy (a fraction) it may lose, natural, "
+                                                                "PGD-20 transfer or Square")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("shards", help="soft-label shards: `dard shards inspect DIR`")

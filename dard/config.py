@@ -34,6 +34,7 @@ TEACHER_METHODS = METHODS[:3]
 DISTILL_METHODS = METHODS[3:]
 # The evaluation protocol's attacks, in report order (here, without torch, for the CLI's help);
 # their functions are dard.attacks.registry.ATTACKS, which checks that it has exactly these.
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript")  # `dard export --format` (dard.export)
 EVAL_ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "square", "autoattack")
 
 

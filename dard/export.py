@@ -1,18 +1,24 @@
 """Exporting a model for deployment, with its robustness re-checked on the exported artifact.
 
-``pt2``: ``torch.export`` with a dynamic batch dimension, saved by ``torch.export.save`` (a graph
-and its weights; no Python pickle of user code) and run by ``torch.export.load(path).module()``
-where only torch is installed. (TorchScript is deprecated from torch 2.14 and not offered; ONNX
-is not offered yet.)
+Formats (each run by its own runtime, without dard):
+
+- ``pt2``: ``torch.export`` with a dynamic batch dimension, saved by ``torch.export.save`` (a graph
+  and its weights), run by ``torch.export.load(path).module()`` where only torch is installed.
+- ``onnx``: ``torch.onnx.export(dynamo=True)`` (opset of the installed exporter), run by ONNX
+  Runtime; ``int8``: ONNX Runtime's dynamic quantisation of that graph (weights int8).
+- ``torchscript``: ``torch.jit.trace`` (deprecated by PyTorch from 2.14: for runtimes that still
+  need it), run by ``torch.jit.load``.
 
 An export is only as good as what it computes, so :func:`check_export` runs the exported program
 itself on the test split: numerical parity with the PyTorch model (max |delta logit|, agreement of
 predictions), the transfer of PGD-20 examples made on the PyTorch model, and a black-box Square
-attack through the export. A copy whose numbers differ is refused.
+attack through the export. :meth:`ExportCheck.problems` says why a copy is refused.
 """
 from __future__ import annotations
 
 import io
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,34 +26,72 @@ import torch
 from torch import nn
 
 from dard.attacks.registry import ATTACKS, AttackParams
+from dard.config import EXPORT_FORMATS
 from dard.engine import correct_under
 from dard.files import atomic_write
 
-FORMATS = ("pt2",)
+FORMATS = EXPORT_FORMATS
 MAX_BATCH = 1 << 16
+EXTRA = "pip install 'dard[export]' (onnx, onnxscript, onnxruntime)"
 
 
 class ExportError(ValueError):
-    """The export does not compute what the model does (the message says by how much)."""
+    """The export does not compute what the model does (the message says by how much), or cannot be made."""
 
 
-def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path) -> Path:
-    """Write ``model`` (eval mode, on the CPU) as ``fmt`` to ``out``; ``example`` (N, C, H, W) in
-    [0, 1] fixes the input's shape but for its batch dimension, which stays dynamic."""
+def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path, int8: bool = False) -> Path:
+    """Write ``model`` (eval mode, on the CPU) as ``fmt`` to ``out``; ``example`` (N >= 2, C, H, W) in
+    [0, 1] fixes the input's shape but for its batch dimension, which stays dynamic. ``int8``:
+    quantise the weights (``onnx`` only)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format: unknown {fmt!r} (choose from {', '.join(FORMATS)})")
-    model = model.cpu().eval()
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(model, (example[:2].cpu(),), dynamic_shapes=({0: batch},))
-    buffer = io.BytesIO()  # torch.export.save needs a seekable file
-    torch.export.save(program, buffer)
+        raise ExportError(f"--format: unknown {fmt!r} (choose from {', '.join(FORMATS)})")
+    if int8 and fmt != "onnx":
+        raise ExportError(f"--int8: quantisation is ONNX Runtime's; use it with --format onnx, not {fmt}")
+    model, example = model.cpu().eval(), example[:2].cpu()
+    batch = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    buffer = io.BytesIO()
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=(batch,)), buffer)  # needs a seekable file
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():  # deprecated, and chosen knowingly by whoever asks for it
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.trace(model, example), buffer)
+    else:
+        buffer.write(_onnx_bytes(model, example, batch, int8))
     atomic_write(out, lambda f: f.write(buffer.getvalue()))
     return Path(out)
 
 
-def load_export(path: str | Path) -> nn.Module:
-    """The exported program as a module: ``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``."""
-    return _Program(torch.export.load(str(path)).module())
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, batch: dict, int8: bool) -> bytes:
+    import importlib
+
+    try:
+        for name in ("onnxruntime", "onnxscript"):  # the check runs the file: no runtime, no export
+            importlib.import_module(name)
+    except ImportError as err:
+        raise ExportError(f"--format onnx needs {err.name}: {EXTRA}") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(model, (example,), dynamic_shapes=(batch,), dynamo=True, verbose=False,
+                                    input_names=["x"], output_names=["logits"])
+        program.save(str(path))
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(path), str(path.with_suffix(".int8.onnx")), weight_type=QuantType.QInt8)
+            path = path.with_suffix(".int8.onnx")
+        return path.read_bytes()
+
+
+def load_export(path: str | Path, fmt: str) -> nn.Module:
+    """The exported file run by its own runtime, as a module: ``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``."""
+    if fmt == "pt2":
+        return _Program(torch.export.load(str(path)).module())
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _Program(torch.jit.load(str(path)).eval())
+    return _OnnxRuntime(path)
 
 
 class _Program(nn.Module):
@@ -65,6 +109,23 @@ class _Program(nn.Module):
         return self
 
 
+class _OnnxRuntime(_Program):
+    """An ONNX file in an ONNX Runtime session (CPU): numpy in, numpy out; no gradients (the
+    transfer and Square attacks need none)."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        nn.Module.__init__(self)
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        # dard's evaluation reads the device off a model's parameters: this one's is the CPU
+        self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0])
+
+
 @dataclass
 class ExportCheck:
     """What the exported program computes, next to the PyTorch model, on ``samples`` test images.
@@ -79,13 +140,32 @@ class ExportCheck:
     square: tuple[float, float]
     square_samples: int
 
-    def passed(self, tolerance: float) -> bool:
-        return self.max_abs_logit_diff <= tolerance and self.prediction_agreement == 1.0
-
-    def table(self) -> str:
+    def problems(self, tolerance: float, int8: bool = False, min_agreement: float = 0.99,
+                 max_drop: float = 0.02) -> list[str]:
+        """Why the export is refused (empty: kept). A float export must compute the model's logits
+        (within ``tolerance``) and every prediction; an int8 one cannot, so it must agree on
+        ``min_agreement`` of the predictions and lose at most ``max_drop`` (a fraction) of natural,
+        transferred-PGD and Square accuracy: quantisation can cost robustness."""
         from dard.logs import percent
 
-        rows = [f"{'':<22} {'PyTorch':>9} {'export':>9}"]
+        if not int8:
+            return ([f"max |delta logit| {self.max_abs_logit_diff:.2e} > {tolerance:g}"]
+                    if self.max_abs_logit_diff > tolerance else []) + (
+                [f"predictions agree on {percent(self.prediction_agreement)}, not all"]
+                if self.prediction_agreement < 1.0 else [])
+        found = [f"predictions agree on {percent(self.prediction_agreement)} < {percent(min_agreement)}"
+                 ] if self.prediction_agreement < min_agreement else []
+        for name, (model, export) in (("natural", self.natural), ("PGD-20 transfer", self.pgd20_transfer),
+                                      ("Square", self.square)):
+            if model - export > max_drop:
+                found.append(f"{name} accuracy {percent(model)} -> {percent(export)} (more than "
+                             f"{100 * max_drop:.1f} points lost)")
+        return found
+
+    def table(self, label: str = "export") -> str:
+        from dard.logs import percent
+
+        rows = [f"{'':<22} {'PyTorch':>9} {label:>9}"]
         for name, (a, b) in (("natural", self.natural), ("PGD-20 (transfer)", self.pgd20_transfer),
                              (f"Square ({self.square_samples})", self.square)):
             rows.append(f"{name:<22} {percent(a):>9} {percent(b):>9}")
