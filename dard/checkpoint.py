@@ -35,11 +35,11 @@ def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config:
     }
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path | str:
     """Atomic write; refuses a state whose model weights hold NaN/Inf (the previous checkpoint stays)."""
     from dard.models.io import check_finite
 
-    path = Path(path)
+    path = path if is_uri(path) else Path(path)
     check_finite(state["model"], f"checkpoint {path}")
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-write leaves the previous checkpoint intact
     return path

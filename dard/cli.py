@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from fractions import Fraction
 from importlib.metadata import entry_points
@@ -117,8 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dard.tracking import check_tracking_uri, training_run
     from dard.training import fit
 
-    out = Path(args.out) if args.out else None
-    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.stem + "-run") if out else Path("runs") / args.command
+    from dard.files import is_uri, read_bytes, write_bytes
+
+    out = args.out  # a path or a storage URI
+    run_dir = (Path(args.run_dir) if args.run_dir else Path(out).with_name(Path(out).stem + "-run")
+               if out and not is_uri(out) else Path("runs") / args.command)
     cfg = build_config(args).updated(run={"out_dir": str(run_dir)})
     uri = None if args.no_tracking else check_tracking_uri(args.tracking_uri)
     logs.to_file(cfg.run.out_dir)  # library chatter and warnings: <run dir>/dard.log
@@ -127,10 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = fit(cfg, teacher_path=getattr(args, "teacher", None), teacher_arch=getattr(args, "teacher_arch", None),
                      shards=getattr(args, "shards", None), resume=args.resume,
                      on_epoch_end=None if tracked is None else lambda epoch, metrics: tracked.log(metrics, epoch))
-        model = Path(result["model_path"])
+        model = result["model_path"]
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(model, out)
+            write_bytes(out, read_bytes(model))
             model = out
         if tracked is not None:
             tracked.finish(model)

@@ -33,9 +33,10 @@ def runs_named(client, name):
 
 
 def sweep_args(env, name, *extra, epochs=6):
+    # storage as a URI (file://, the code path of s3:// and gs://: Tune's state, the seal, the best model)
     return ["sweep", "--shards", env["shards"], "--steps", "2", "--epochs", str(epochs),
             "--no-progress", "--name", name, "--tracking-uri", env["uri"], "--run-dir", str(env["dir"] / "run"),
-            "--set", "run.eval_limit=90", *extra]
+            "--storage-path", (env["dir"] / "run" / "sweeps").as_uri(), "--set", "run.eval_limit=90", *extra]
 
 
 def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
@@ -112,6 +113,9 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
         p = child.data.params                                              # normalised weights summing to 1
         assert float(p["loss.w_adv"]) + float(p["loss.w_rob"]) + float(p["loss.w_nat"]) == pytest.approx(1, abs=1e-6)
         assert "trial.temperature" in p and "val_pgd_acc" in child.data.metrics
+    # the URI stayed a URI: the state and the best model are in the folder it names, no local "file:" folder
+    assert (folder / "best-model.pt").is_file() and (folder / "dard-sealed-state.json").is_file()
+    assert not (REPO / "file:").exists() and not any(p.name == "file:" for p in sweep_env["dir"].rglob("*"))
     versions = show(sweep_env["uri"], "dard-digits-cnn_small")
     assert versions[0]["aliases"] == ["champion"] and float(versions[0][METRIC]) > 0.02  # above an untrained student
     # a worse run leaves the alias alone: tests/test_registry.py (the same promote, by run id)

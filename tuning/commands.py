@@ -7,6 +7,7 @@ from pathlib import Path
 from cluster.ray_session import owns_ray
 from dard.cli import add_config_args, build_config
 from dard.config import METHODS
+from dard.files import is_uri
 from dard.logs import percent, to_file
 from dard.registry import METRIC
 from dard.tracking import check_tracking_uri
@@ -21,7 +22,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
     uri = check_tracking_uri(args.tracking_uri)
-    to_file(Path(args.storage_path or Path(cfg.run.out_dir) / "sweeps") / args.name)
+    storage = args.storage_path or str(Path(cfg.run.out_dir) / "sweeps")
+    to_file(Path(cfg.run.out_dir) if is_uri(storage) else Path(storage) / args.name)  # a log is a local file
     result = sweep(cfg, args.shards, args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
                    name=args.name, storage_path=args.storage_path, tracking_uri=uri, experiment=args.experiment,
                    resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,

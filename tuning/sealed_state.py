@@ -17,7 +17,8 @@ from dard.files import listing, read_bytes, within, write_bytes
 
 SEAL_FILE = "dard-sealed-state.json"
 SEAL_TAG = "dard.sealed_state_sha256"
-UNSEALED = {SEAL_FILE, "dard.log"}  # top-level files that are not Tune's state (dard's own log is appended to)
+# top-level files that are not Tune's state: dard's own log (appended to), the best trial's model
+UNSEALED = {SEAL_FILE, "dard.log", "best-model.pt"}
 
 
 def _listing(folder: str) -> dict[str, str]:
