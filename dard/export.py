@@ -165,10 +165,11 @@ class ExportCheck:
     def table(self, label: str = "export") -> str:
         from dard.logs import percent
 
-        rows = [f"{'':<22} {'PyTorch':>9} {label:>9}"]
+        w = max(9, len(label))
+        rows = [f"{'':<22} {'PyTorch':>9} {label:>{w}}"]
         for name, (a, b) in (("natural", self.natural), ("PGD-20 (transfer)", self.pgd20_transfer),
                              (f"Square ({self.square_samples})", self.square)):
-            rows.append(f"{name:<22} {percent(a):>9} {percent(b):>9}")
+            rows.append(f"{name:<22} {percent(a):>9} {percent(b):>{w}}")
         rows.append(f"max |delta logit| {self.max_abs_logit_diff:.2e}, predictions agree on "
                     f"{percent(self.prediction_agreement)} of {self.samples}")
         return "\n".join(rows)
