@@ -91,6 +91,13 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     assert result.metrics["world_size"] == 2 and result.metrics["nodes"] == 1 and 0 <= result.metrics["val_pgd_acc"] <= 1
     assert result.metrics["train_steps"] == 4  # 256 samples / 2 ranks / 32 per rank
     assert Path(result.checkpoint_dir, "checkpoint.pt").exists() and Path(result.model_path).exists()
+    # Ray keeps the best checkpoint by validation robust accuracy and the latest; the model is the best
+    from dard.checkpoint import load_checkpoint
+
+    kept = {load_checkpoint(p)["epoch"] for p in Path(result.run_path).glob("checkpoint_*/checkpoint.pt")}
+    score = {h["epoch"]: h["val_robust_acc"] for h in result.history}
+    assert 2 in kept and len(kept) <= 2 and max(score[e] for e in kept) == max(score.values())
+    assert score[result.metrics["selected_epoch"]] == max(score.values())
     rank0 = [json.loads(l) for l in (logs / "rank0.jsonl").read_text().splitlines()]
     rank1 = [json.loads(l) for l in (logs / "rank1.jsonl").read_text().splitlines()]
     assert len(rank0) == len(rank1) > 12
