@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dard.engine import validation_summary
     from dard.training import open_shards
 
-    check_scaling(args.workers, args.max_failures)
+    check_scaling(args.workers, args.max_failures, collective_timeout_s=args.collective_timeout)
     cfg = build_config(args)
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
@@ -48,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
                                    out=args.out, teacher_path=args.teacher, check="fast",
+                                   placement_strategy=args.placement.upper(), collective_timeout_s=args.collective_timeout,
                                    tracking=None if tracked is None else {"uri": uri, "run_id": tracked.run_id})
         if tracked is not None:
             tracked.finish(result.model_path)
@@ -106,6 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-path", help="checkpoints (local dir or s3://...); default <run dir>/ray")
     p.add_argument("--name", default="dard-train", help="run name; the same name + storage path resumes")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--placement", choices=("pack", "spread"), default="pack",
+                   help="pack: fewest nodes (fastest collectives); spread: one worker per node where possible")
+    p.add_argument("--collective-timeout", type=int, default=300, metavar="S",
+                   help="seconds a rank waits in a collective before it fails and the group restarts")
     p.add_argument("--out", help="final model file, a path or URI (default <storage path>/<name>/model.pt, beside "
                                  "its checkpoints)")
     p.add_argument("--run-dir", help="run folder: dard.log, and the default storage path <run dir>/ray (default runs/default)")

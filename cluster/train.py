@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.train import UserCallback
+
 from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config, from_dict, to_dict
 from dard.files import absolute, within
@@ -36,13 +38,14 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # what ranks a run's checkpoints: its selection metric (validation robust accuracy; natural for a
 # natural baseline), -1 on epochs without validation
 SCORE = "selection_score"
+REPEATED = "dard_repeated"  # a report of an epoch already reported (see train_loop_per_worker)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every worker. ``config``: ``run`` (Config dict), ``shards`` (directory), optional
-    ``tracking`` (MLflow URI + experiment, rank 0 logs), ``teacher_path`` and ``step_hook``: a
-    callable ``hook(rank=, world=, epoch=, step=, steps=, model=)`` run after every optimizer step
-    (the fault-tolerance tests kill a worker and record weight digests with it)."""
+    ``teacher_path`` and ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=,
+    model=)`` run after every optimizer step (the fault-tolerance tests kill a worker and record
+    weight digests with it). MLflow is logged by :class:`EpochsToMlflow`, not here."""
     import ray.train
     import ray.train.torch
 
@@ -74,8 +77,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             error = err
     if _stop_everywhere(error, world, rank, fatal):
         return
-    tracker = _rank0_tracker(config.get("tracking"), cfg, rank)
-
     def scored(metrics: dict) -> dict:
         return {**metrics, SCORE: metrics.get(selection_metric(cfg.loss.method), -1.0)}
 
@@ -85,29 +86,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(Path(d) / CHECKPOINT_FILE, run.checkpoint(epoch, history))  # refuses NaN weights
                 ckpt = ray.train.Checkpoint.from_directory(d)
-                tracker.log(metrics, epoch)
                 print(epoch_line(cfg, metrics), flush=True)
             # every rank: it is a barrier. SCORE orders the checkpoints Ray keeps (the best and the latest)
             ray.train.report(scored(metrics), checkpoint=ckpt)
 
     hook: Callable | None = config.get("step_hook")
     try:
-        run.epochs(report, rank=rank, extra_metrics={"world_size": world, "nodes": _nodes(world)},
+        run.epochs(report, rank=rank, extra_metrics={"world_size": world, **_nodes(world)},
                    on_step=None if hook is None else
                    (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
                                              model=run.model)))
     except NonFiniteLossError as err:  # decided on all-reduced gradients: every rank is here, at the same step
-        tracker.close("FAILED")
         if rank == 0:
             ray.get(fatal.set.remote(one_line(err)))
         return
     if checkpoint and run.start_epoch >= cfg.optim.epochs and run.history:
         # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
         # its result): report that epoch again, or Tune would see the trial end with no result.
-        if rank == 0:
-            tracker.log(run.history[-1], run.start_epoch - 1)
-        ray.train.report(scored(run.history[-1]), checkpoint=checkpoint if rank == 0 else None)
-    tracker.close()
+        ray.train.report({**scored(run.history[-1]), REPEATED: 1}, checkpoint=checkpoint if rank == 0 else None)
 
 
 class FatalError:
@@ -141,33 +137,39 @@ def _stop_everywhere(error: BaseException | None, world: int, rank: int, fatal) 
     return first is not None
 
 
-def _nodes(world: int) -> int:
-    """How many Ray nodes the DDP workers run on (a collective: every rank calls it)."""
+def _nodes(world: int) -> dict[str, Any]:
+    """Where the DDP workers run (a collective: every rank calls it): ``nodes``, how many Ray nodes,
+    and ``node_ips``, their addresses (comma-separated, sorted)."""
     import ray
 
-    ids = [ray.get_runtime_context().get_node_id()] * world
+    me = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
+    found = [me] * world
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_gather_object(ids, ids[0])
-    return len(set(ids))
+        dist.all_gather_object(found, me)
+    return {"nodes": len({node for node, _ in found}), "node_ips": ",".join(sorted({ip for _, ip in found}))}
 
 
-class _NoTracker:
-    def log(self, metrics: dict, step: int) -> None:
-        pass
+class EpochsToMlflow(UserCallback):
+    """A Ray Train callback (it runs in the controller) that logs each epoch to MLflow once every
+    worker's report of it has arrived: the epochs a run's checkpoints hold, each once. (Logged by a
+    worker, an epoch whose report a lost host never delivered was logged, then trained again after
+    the restart from the last checkpoint, and logged twice.) ``tracking``: the EpochLogger's
+    ``{"uri", "run_id"}``."""
 
-    def close(self, status: str = "FINISHED") -> None:
-        pass
+    def __init__(self, tracking: dict, run: dict):
+        self.tracking, self.run, self.logger = tracking, run, None
 
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        first = metrics[0]  # rank 0's: the validation metrics are measured there
+        if first.get(REPEATED):
+            return
+        if self.logger is None:
+            from dard.tracking import EpochLogger
 
-def _rank0_tracker(tracking: dict | None, cfg: Config, rank: int):
-    """MLflow on rank 0 only; a no-op elsewhere or when tracking is off."""
-    if not tracking or rank != 0:
-        return _NoTracker()
-    from dard.tracking import EpochLogger
-
-    return EpochLogger(tracking, cfg)
+            self.logger = EpochLogger(self.tracking, from_dict(self.run))
+        self.logger.log(first, int(first["epoch"]))
 
 
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
@@ -176,10 +178,12 @@ def run_storage(cfg: Config, storage_path: str | None = None) -> str:
     return absolute(storage_path or Path(cfg.run.out_dir) / "ray")
 
 
-def check_scaling(workers: int, max_failures: int, cpus_per_worker: float | None = None) -> None:
+def check_scaling(workers: int, max_failures: int, cpus_per_worker: float | None = None,
+                  collective_timeout_s: int = 300) -> None:
     """ValueError naming every scaling option that cannot run (before anything starts or is written)."""
     problems = [f"{flag}: must be >= {low}, got {value}" for flag, value, low in (
-        ("--workers", workers, 1), ("--max-failures", max_failures, 0)) if value < low]
+        ("--workers", workers, 1), ("--max-failures", max_failures, 0),
+        ("--collective-timeout", collective_timeout_s, 1)) if value < low]
     if cpus_per_worker is not None and not cpus_per_worker > 0:
         problems.append(f"cpus per worker: must be > 0, got {cpus_per_worker}")
     if problems:
@@ -200,28 +204,37 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
                       placement_strategy: str = "PACK", callbacks: list | None = None,
-                      step_hook: Callable | None = None, check: str = "full") -> DistributedResult:
+                      step_hook: Callable | None = None, check: str = "full",
+                      collective_timeout_s: int = 300) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
     fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``callbacks``: Ray Train
-    user callbacks (a Tune trial passes ``TuneReportCallback``). ``storage_path`` (local dir or ``s3://``)
+    user callbacks (a Tune trial passes ``TuneReportCallback``). ``tracking``: ``{"uri", "run_id"}``
+    of the MLflow run the epochs go to (:class:`EpochsToMlflow`). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file
     (a path or URI; default ``<storage>/<name>/model.pt``, beside its checkpoints: in a Ray job the
     working directory is a temporary copy on the head).
     ``check``: how the shards are verified here (``full``: checksums and rows; ``fast`` when the
-    caller just did that).
+    caller just did that). ``collective_timeout_s``: how long a rank waits in a collective (a
+    peer's host lost without a closed connection) before it fails and Ray Train restarts the group
+    (torch's default is 30 minutes).
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
 
-    check_scaling(workers, max_failures, cpus_per_worker)
+    check_scaling(workers, max_failures, cpus_per_worker, collective_timeout_s)
     open_shards(shards, cfg, teacher_path, check=check)  # on the driver, before any worker starts
     ray = ensure_ray(address)
-    fatal = ray.remote(num_cpus=0)(FatalError).remote()
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    # on the driver's node: an actor elsewhere would die with its host (a lost worker host must not
+    # take the run's error channel with it)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from cluster.loopback import LoopbackTorchConfig, cluster_is_local
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    fatal = ray.remote(num_cpus=0)(FatalError).options(scheduling_strategy=here).remote()
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.rendezvous import LoopbackTorchConfig, NodeInterfaceTorchConfig, cluster_is_local
 
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
@@ -232,15 +245,17 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     shards_abs = absolute(shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "shards": shards_abs, "tracking": tracking,
+        train_loop_config={"run": to_dict(cfg), "shards": shards_abs,
                            "teacher_path": absolute(teacher_path) if teacher_path else None,
                            "step_hook": step_hook, "fatal": fatal},
         # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
-        torch_config=(LoopbackTorchConfig if cluster_is_local() else TorchConfig)(backend="nccl" if use_gpu else "gloo"),
+        torch_config=(LoopbackTorchConfig if cluster_is_local() else NodeInterfaceTorchConfig)(
+            backend="nccl" if use_gpu else "gloo", timeout_s=collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
-                             callbacks=callbacks,
+                             # each epoch to MLflow once all workers reported it (tracking: {"uri", "run_id"})
+                             callbacks=[*(callbacks or []), *([EpochsToMlflow(tracking, to_dict(cfg))] if tracking else [])],
                              # the best epoch by the selection metric, and the latest (Ray always keeps it)
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="max"),

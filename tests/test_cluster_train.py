@@ -1,9 +1,8 @@
-"""Ray: precompute tasks, 2-worker DDP with a killed worker, two nodes. (`ray job submit` to a
-head that `ray up` started over SSH: tests/test_ray_up.py.)"""
+"""Ray on this machine: precompute tasks, 2-worker DDP with a killed worker, signals. (Two hosts,
+`ray up`, jobs and a lost host: tests/test_two_hosts.py.)"""
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -124,45 +123,6 @@ def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
     cfg = small_train_cfg(tmp_path).updated(attack={"eps": 0.1, "step_size": 0.05})
     with pytest.raises(ShardError, match="attack eps"):
         train_distributed(cfg, ray_shards, workers=2)
-
-
-MULTI_NODE_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray.cluster_utils import Cluster
-    from dard.config import Config
-    from cluster.train import train_distributed
-
-    shards, out, repo = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.path.insert(0, repo)
-    from tests.ray_hooks import WeightsLog, register
-    register()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False)
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    cfg = Config.for_dataset("digits", data={"limit_train": 256}, attack={"steps": 2}, optim={"epochs": 1},
-                             run={"out_dir": out, "progress": False, "eval_limit": 60})
-    r = train_distributed(cfg, shards, workers=2, name="two-nodes", placement_strategy="SPREAD",
-                          step_hook=WeightsLog(out))
-    print("RESULT", json.dumps({"checkpoint": r.checkpoint_dir, "epochs": [h["epoch"] for h in r.history],
-                                "nodes": r.metrics["nodes"]}))
-    ray.shutdown()
-    c.shutdown()
-""")
-
-
-def test_multi_node_workers_on_different_nodes(ray_shards, tmp_path):
-    script = tmp_path / "multi.py"
-    script.write_text(MULTI_NODE_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), ray_shards, str(tmp_path), str(REPO)], capture_output=True,
-                         text=True, timeout=400, cwd=REPO)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(run.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
-    assert result["epochs"] == [0] and Path(result["checkpoint"], "checkpoint.pt").exists()
-    assert result["nodes"] == 2  # the two DDP workers ran on different nodes (their node ids, gathered)
-    assert len((tmp_path / "rank0.jsonl").read_text().splitlines()) == 4  # and trained: 4 steps, epoch 0
 
 
 def _signal_when(argv, sig, ready, *, group=False, timeout=240):

@@ -1,10 +1,16 @@
-"""DDP rendezvous for a Ray cluster on this machine alone: nothing listens beyond loopback.
+"""Where the DDP workers meet and talk: the interface gloo and NCCL use, and the rendezvous.
 
-Ray Train's default rendezvous is torch's TCP store, which binds every interface of rank 0's
-machine, and gloo binds the interface of the machine's hostname: a local ``dard train`` would
-accept connections from the network. On a local cluster this backend rendezvouses through a file
-(torch's FileStore) and pins gloo to the loopback interface. Multi-machine clusters keep Ray's
-default: there the cluster network is needed (cluster/README.md, "Network exposure").
+Gloo (and NCCL's bootstrap) pick the interface of the machine's hostname. On one machine that
+would accept connections from the network; across machines it often breaks, since many hosts map
+their hostname to a loopback address (Debian's 127.0.1.1): each rank then tells its peers to call
+it on 127.0.x.x. So:
+
+- on a cluster of this machine alone (``cluster_is_local``), :class:`LoopbackTorchConfig`
+  rendezvouses through a file (torch's FileStore) and pins gloo/NCCL to the loopback interface:
+  nothing listens beyond loopback;
+- on a multi-machine cluster, :class:`NodeInterfaceTorchConfig` keeps Ray Train's TCP rendezvous
+  and pins each worker to the interface holding its Ray node's address (the cluster network)
+  unless ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` are set (cluster/README.md).
 """
 from __future__ import annotations
 
@@ -32,6 +38,19 @@ def _pin_to_loopback(interface: str) -> None:
     os.environ["NCCL_SOCKET_IFNAME"] = interface
 
 
+def _pin_to_node_interface() -> None:
+    """In a worker: gloo/NCCL on the interface of this Ray node's address, unless the user chose one."""
+    import psutil
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    interface = next((name for name, addresses in psutil.net_if_addrs().items()
+                      if any(a.address == ip for a in addresses)), None)
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+
+
 @dataclass
 class LoopbackTorchConfig(TorchConfig):
     @property
@@ -52,6 +71,19 @@ class _LoopbackBackend(_TorchBackend):
         import ray
 
         ray.get(futures)
+
+
+@dataclass
+class NodeInterfaceTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _NodeInterfaceBackend
+
+
+class _NodeInterfaceBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: NodeInterfaceTorchConfig) -> None:
+        worker_group.execute(_pin_to_node_interface)
+        super().on_start(worker_group, backend_config)
 
 
 def cluster_is_local() -> bool:
