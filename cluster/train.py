@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ray.train import UserCallback
-
 from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config, from_dict, to_dict
 from dard.files import absolute, within
@@ -45,7 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every worker. ``config``: ``run`` (Config dict), ``shards`` (directory), optional
     ``teacher_path`` and ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=,
     model=)`` run after every optimizer step (the fault-tolerance tests kill a worker and record
-    weight digests with it). MLflow is logged by :class:`EpochsToMlflow`, not here."""
+    weight digests with it). MLflow is logged by :func:`epochs_to_mlflow`, not here."""
     import ray.train
     import ray.train.torch
 
@@ -151,25 +149,29 @@ def _nodes(world: int) -> dict[str, Any]:
     return {"nodes": len({node for node, _ in found}), "node_ips": ",".join(sorted({ip for _, ip in found}))}
 
 
-class EpochsToMlflow(UserCallback):
+def epochs_to_mlflow(tracking: dict, run: dict):
     """A Ray Train callback (it runs in the controller) that logs each epoch to MLflow once every
     worker's report of it has arrived: the epochs a run's checkpoints hold, each once. (Logged by a
     worker, an epoch whose report a lost host never delivered was logged, then trained again after
     the restart from the last checkpoint, and logged twice.) ``tracking``: the EpochLogger's
-    ``{"uri", "run_id"}``."""
+    ``{"uri", "run_id"}``; ``run``: the Config as a dict."""
+    from ray.train import UserCallback  # here: importing Ray fixes its auth mode (ensure_ray sets it first)
 
-    def __init__(self, tracking: dict, run: dict):
-        self.tracking, self.run, self.logger = tracking, run, None
+    class EpochsToMlflow(UserCallback):
+        def __init__(self):
+            self.logger = None
 
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        first = metrics[0]  # rank 0's: the validation metrics are measured there
-        if first.get(REPEATED):
-            return
-        if self.logger is None:
-            from dard.tracking import EpochLogger
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            first = metrics[0]  # rank 0's: the validation metrics are measured there
+            if first.get(REPEATED):
+                return
+            if self.logger is None:
+                from dard.tracking import EpochLogger
 
-            self.logger = EpochLogger(self.tracking, from_dict(self.run))
-        self.logger.log(first, int(first["epoch"]))
+                self.logger = EpochLogger(tracking, from_dict(run))
+            self.logger.log(first, int(first["epoch"]))
+
+    return EpochsToMlflow()
 
 
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
@@ -211,7 +213,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
     fastest gloo/NCCL) or ``SPREAD`` (one worker per node where possible). ``callbacks``: Ray Train
     user callbacks (a Tune trial passes ``TuneReportCallback``). ``tracking``: ``{"uri", "run_id"}``
-    of the MLflow run the epochs go to (:class:`EpochsToMlflow`). ``storage_path`` (local dir or ``s3://``)
+    of the MLflow run the epochs go to (:func:`epochs_to_mlflow`). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file
     (a path or URI; default ``<storage>/<name>/model.pt``, beside its checkpoints: in a Ray job the
     working directory is a temporary copy on the head).
@@ -255,7 +257,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              # each epoch to MLflow once all workers reported it (tracking: {"uri", "run_id"})
-                             callbacks=[*(callbacks or []), *([EpochsToMlflow(tracking, to_dict(cfg))] if tracking else [])],
+                             callbacks=[*(callbacks or []), *([epochs_to_mlflow(tracking, to_dict(cfg))] if tracking else [])],
                              # the best epoch by the selection metric, and the latest (Ray always keeps it)
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="max"),

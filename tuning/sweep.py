@@ -73,7 +73,7 @@ def _ended_trials_callback():
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in trial.config.items() if k != "method")
             score = f"{100 * result[OBJECTIVE]:.1f}%" if OBJECTIVE in result else "n/a"
-            print(f"trial {trial.trial_id}: {result.get('training_iteration', 0)} epochs, "
+            print(f"trial {trial.trial_id}: {result.get('epoch', -1) + 1} epochs, "
                   f"validation robust accuracy {score} ({params})", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -201,8 +201,10 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     # trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
     # registered or closed, so `--resume` continues the same sweep.
     # The trials that ran every epoch: a trial ASHA stopped early has an earlier-epoch score
-    # (not comparable) and no logged model.
-    finished = [r for r in grid if r.metrics and r.metrics.get("training_iteration") == cfg.optim.epochs
+    # (not comparable) and no logged model. Told by the epoch the trial last reported, not by
+    # Tune's count of its reports: a trial interrupted and resumed reports only the epochs after
+    # its last checkpoint, and Tune's count can miss a report that Ctrl-C cut short.
+    finished = [r for r in grid if r.metrics and r.metrics.get("epoch") == cfg.optim.epochs - 1
                 and OBJECTIVE in r.metrics]
     finished_ids = {r.metrics.get("trial_id") for r in finished}
     planned = max(trials, len(grid))
@@ -213,7 +215,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         raise SweepInterrupted(f"sweep {name} interrupted after {ended} of {planned} trials; nothing registered. "
                                f"Continue it with --resume --name {name}")
     if not finished:
-        seen = [(r.metrics or {}).get("training_iteration") for r in grid]
+        seen = [(r.metrics or {}).get("epoch", -1) + 1 for r in grid]
         errors = [str(r.error)[:300] for r in grid if r.error]
         raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs (epochs reached: {seen}; "
                            f"errors: {errors}); see {experiment_path}")
