@@ -23,17 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOME = Path.home()
-# Inside a host, home is the host's own folder; what the interpreter needs from the real home
-# (a pyenv Python, a checkout under it) is bound back in, read as it is.
-_NEEDED = sorted({HOME / Path(p).relative_to(HOME).parts[0] for p in (sys.base_prefix, sys.prefix, __file__)
-                  if Path(p).is_relative_to(HOME)})
+TMP = Path("/tmp")
+# Inside a host, home and /tmp are the host's own folders; what the test needs from the real ones
+# (a pyenv Python, the venv, the checkout: CI may clone under /tmp) is bound back in, as it is.
+_USED = (sys.base_prefix, sys.prefix, str(Path(__file__).resolve().parents[1]))
+
+
+def _needed(root: Path) -> str:
+    return " ".join(sorted({Path(p).relative_to(root).parts[0] for p in _USED if Path(p).is_relative_to(root)
+                            and Path(p) != root}))
+
+
 _ENTER = r'''
 hd=$1; shift
-mkdir -p "$hd/tmp" "$hd/home" "$hd/.real-home"
+mkdir -p "$hd/tmp" "$hd/home" "$hd/.real-home" "$hd/.real-tmp"
 mount --bind "$HOME_DIR" "$hd/.real-home"
+mount --bind /tmp "$hd/.real-tmp"
 mount --bind "$hd/home" "$HOME_DIR"
-for p in $NEEDED; do mkdir -p "$HOME_DIR/$p" && mount --bind "$hd/.real-home/$p" "$HOME_DIR/$p"; done
 mount --bind "$hd/tmp" /tmp
+for p in $NEEDED_HOME; do mkdir -p "$HOME_DIR/$p" && mount --bind "$hd/.real-home/$p" "$HOME_DIR/$p"; done
+for p in $NEEDED_TMP; do mkdir -p "/tmp/$p" && mount --bind "$hd/.real-tmp/$p" "/tmp/$p"; done
 exec "$@"
 '''
 
@@ -58,7 +67,7 @@ class Host:
         """``argv`` as run on this host: its network namespace, its own /tmp and home."""
         return ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
                 "--mount-proc", "--",
-                "env", f"HOME_DIR={HOME}", f"NEEDED={' '.join(p.name for p in _NEEDED)}",
+                "env", f"HOME_DIR={HOME}", f"NEEDED_HOME={_needed(HOME)}", f"NEEDED_TMP={_needed(TMP)}",
                 "sh", "-c", _ENTER, "sh", str(self.folder), *argv]
 
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -113,9 +122,10 @@ class Host:
                    stderr=open(d / "sshd.log", "w"), start_new_session=True)
         probe = f"import socket; socket.create_connection(('{self.address}', 22), 1)"
         deadline = time.time() + 20
-        while self.run([sys.executable, "-c", probe]).returncode != 0:
+        while (probed := self.run([sys.executable, "-c", probe])).returncode != 0:
             if time.time() > deadline:
-                raise RuntimeError(f"host {self.name}: sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
+                raise RuntimeError(f"host {self.name}: sshd not reachable ({probed.stderr.strip()[-300:]}); "
+                                   f"its log: {(d / 'sshd.log').read_text()[-300:]}")
             time.sleep(0.2)
 
 
