@@ -214,7 +214,7 @@ def run_demo(s: DemoSettings) -> dict:
         path, cfg, logger = students[method]
         report, paths = reports[label]
         log_report_artifacts(logger.run_id, paths, uri, metrics=report.accuracy)
-        log_model(logger.run_id, path, x[:2], tracking_uri=uri)
+        log_model(logger.run_id, path, tracking_uri=uri)
         logger.close()
     dard_metrics = json.loads(Path(out / "dard" / "final_metrics.json").read_text())
     promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics[METRIC]), students["dard"][1])

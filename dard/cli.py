@@ -113,10 +113,9 @@ def add_tracking_args(p: argparse.ArgumentParser, experiment: str = "dard") -> N
 def cmd_train(args: argparse.Namespace) -> int:
     """train-teacher and distill: one training function, different defaults."""
     from dard.engine import validation_summary
+    from dard.files import is_uri, read_bytes, write_bytes
     from dard.tracking import check_tracking_uri, training_run
     from dard.training import fit
-
-    from dard.files import is_uri, read_bytes, write_bytes
 
     out = args.out  # a path or a storage URI
     run_dir = (Path(args.run_dir) if args.run_dir else Path(out).with_name(Path(out).stem + "-run")

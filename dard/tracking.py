@@ -242,7 +242,6 @@ def run_note(header: dict) -> str:
     """The headline of a model file (markdown): what it is, the epoch it holds, its validation numbers."""
     from dard.config import from_dict
     from dard.engine import validation_summary
-
     from dard.logs import percent
 
     meta = header.get("meta") or {}
@@ -291,12 +290,13 @@ def logged_model_name(dataset: str, arch: str, method: str) -> str:
     return f"{dataset}-{arch}-{method}"
 
 
-def log_model(run_id: str, model_path: str | Path, example_input, tracking_uri: str | None = None):
+def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_uri: str | None = None):
     """Log the dard model file ``model_path`` into ``run_id`` the way every training path does.
 
     MLflow's PyTorch flavour, ``serialization_format="pt2"``: a ``torch.export`` program that
     MLflow loads and serves with only torch installed (no dard), with a signature and an input
-    example from ``example_input`` (N >= 2, C, H, W) in [0, 1], at ``step=`` the epoch whose
+    example from ``example_input`` (N >= 2, C, H, W) in [0, 1] (default: the first two validation
+    images of the run the file's config describes), at ``step=`` the epoch whose
     weights the file holds (MLflow shows that step's metrics on the model page). Under
     ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` MLflow refuses any record of the archive that is
     not plain data; dard itself loads only the weights-only dard file logged beside it
@@ -316,11 +316,16 @@ def log_model(run_id: str, model_path: str | Path, example_input, tracking_uri: 
     model, header = load_model(model_path)
     meta = header.get("meta") or {}
     step = meta.get("selected_epoch")
+    config = meta.get("config") or {}
+    if example_input is None:
+        from dard.config import from_dict
+        from dard.data import load_splits, to_float
+
+        example_input = to_float(load_splits(from_dict(config).data).val.images[:2])
     # two images: torch.export makes a size-1 batch dimension static
     x = np.ascontiguousarray(example_input[:2].cpu().numpy(), dtype=np.float32)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).numpy()
-    config = meta.get("config") or {}
     name = logged_model_name(header["dataset"], header["arch"], meta.get("method") or
                              config.get("loss", {}).get("method", "model"))
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
@@ -363,10 +368,8 @@ class TrainingRun:
         self.open().log(metrics, step)
 
     def finish(self, model_path: str | Path) -> None:
-        """Log the run's model (:func:`log_model`, an input example from the validation split) and close it."""
-        from dard.data import load_splits, to_float
-
-        log_model(self.run_id, model_path, to_float(load_splits(self.cfg.data).val.images[:2]), self.uri)
+        """Log the run's model (:func:`log_model`) and close it."""
+        log_model(self.run_id, model_path, tracking_uri=self.uri)
         self.logger.close()
 
 

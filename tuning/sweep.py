@@ -236,11 +236,10 @@ def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config, ou
     """The best trial's student (its selected epoch, from its last checkpoint) to ``out`` and into
     its child run, logged as every training path logs its model."""
     from dard.checkpoint import load_checkpoint
-    from dard.data import load_splits, to_float
     from dard.training import save_selected
 
     path, _ = save_selected(out, load_checkpoint(within(checkpoint_path, "checkpoint.pt")), cfg)
-    log_model(run_id, path, to_float(load_splits(cfg.data).val.images[:2]), tracking_uri=uri)
+    log_model(run_id, path, tracking_uri=uri)
 
 
 def _newest_child_per_trial(runs: list) -> dict[str, Any]:
