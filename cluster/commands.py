@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cluster.ray_session import owns_ray
-from dard.cli import add_config_args, add_tracking_args, build_config
+from dard.cli import add_config_args, add_tracking_args, build_config, source_name
 from dard.config import METHODS
 from dard.logs import to_file
 
@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
-    open_shards(args.shards, cfg, args.teacher, check="full")  # refused here: no MLflow run, nothing written
+    shards = open_shards(args.shards, cfg, args.teacher)  # checked once, here: no MLflow run, nothing written
     to_file(cfg.run.out_dir)
     from cluster.train import run_storage
     from dard.files import within
@@ -45,9 +45,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # continues the run it started instead of opening a second one.
     with training_run(cfg, uri, experiment=args.experiment, run_name=args.name,
                       marker=within(run_storage(cfg, args.storage_path), args.name, "mlflow_run.json")) as tracked:
-        result = train_distributed(cfg, args.shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
+        result = train_distributed(cfg, shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
-                                   out=args.out, teacher_path=args.teacher, check="fast",
+                                   out=args.out, teacher_path=args.teacher,
                                    placement_strategy=args.placement.upper(), collective_timeout_s=args.collective_timeout,
                                    tracking=None if tracked is None else {"uri": uri, "run_id": tracked.run_id})
         if tracked is not None:
@@ -66,8 +66,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import DemoSettings, run_demo
 
     kw = {"out": args.out, "fresh": args.fresh, "tracking_uri": args.tracking_uri, "address": args.address,
-          "data_dir": args.data_dir}
-    settings = (DemoSettings.quick if args.quick else DemoSettings.for_dataset)(args.dataset, **kw)
+          "data_dir": args.data_dir, "source": args.source}
+    if args.source is None and args.dataset not in ("digits", "fashion-mnist"):
+        raise ValueError(f"--dataset {args.dataset}: the demo runs on digits, fashion-mnist or your own --source")
+    dataset = args.dataset if args.source is None or args.dataset != "digits" else source_name(args.source)
+    settings = (DemoSettings.quick if args.quick else DemoSettings.for_dataset)(dataset, **kw)
     for name in ("teacher_arch", "teacher_epochs", "student_epochs", "workers", "aa_limit"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -81,8 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits: teacher, shards, DARD on Ray Train, "
                                     "SAT baseline, attack suite, MLflow, registry")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits",
-                   help="fashion-mnist: a 6k-image subset, cnn_small teacher (about 6 min on 2 CPUs)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits, or fashion-mnist (a 6k-image subset, cnn_small teacher; about 6 min on 2 CPUs); with "
+                        "--source: your images' name (default: the folder's)")
+    p.add_argument("--source", help="your images: folder:PATH (a sub-folder per class, or train/ and test/ of those) "
+                                    "or table:PATH; the demo trains on up to 6,000 of them")
     p.add_argument("--data-dir", help="fashion-mnist: the IDX files' folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by the tests)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")

@@ -32,7 +32,7 @@ from dard.attacks.registry import AUTOATTACK, PROTOCOL
 from dard.evaluate import EvalSettings, Report, evaluate_model
 from dard.report import write_report
 from dard.models import file_sha256, load_model
-from dard.shards import ShardError, verify
+from dard.shards import ShardError, ShardSet
 from dard.registry import METRIC, promote
 from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts
 
@@ -43,6 +43,7 @@ log = logging.getLogger("dard")
 class DemoSettings:
     out: str = "runs/demo"
     dataset: str = "digits"
+    source: str | None = None  # your images (folder:PATH or table:PATH): the demo runs on them
     data_dir: str | None = None
     teacher_arch: str = "cnn_medium"
     teacher_epochs: int = 15
@@ -60,8 +61,19 @@ class DemoSettings:
 
     @classmethod
     def for_dataset(cls, dataset: str = "digits", **kw) -> "DemoSettings":
-        """The demo's budget for ``dataset`` (``DATASET_BUDGETS``), ``kw`` on top."""
-        return cls(**{"dataset": dataset, **DATASET_BUDGETS.get(dataset, {}), **kw})
+        """The demo's budget for ``dataset`` (``DATASET_BUDGETS``; a source of yours: ``SOURCE_BUDGET``),
+        ``kw`` on top."""
+        budget = SOURCE_BUDGET if kw.get("source") else DATASET_BUDGETS.get(dataset, {})
+        return cls(**{"dataset": dataset, **budget, **kw})
+
+    def data(self) -> dict:
+        """The data section of every config the demo builds (a source resolved once, here)."""
+        from dard.data import resolve_section
+
+        data = {"limit_train": self.limit_train, "data_dir": self.data_dir}
+        if self.source:
+            data = resolve_section({**data, "dataset": self.dataset, "source": self.source})
+        return data
 
     @classmethod
     def quick(cls, dataset: str = "digits", **kw) -> "DemoSettings":
@@ -76,6 +88,10 @@ DATASET_BUDGETS = {
     "fashion-mnist": {"teacher_arch": "cnn_small", "teacher_epochs": 10, "student_epochs": 8, "limit_train": 6000,
                       "eval_limit": 1000, "val_limit": 500, "aa_limit": 200},
 }
+# Your own images: at most 6,000 of them train in the demo (all of them with `dard train`), the
+# teacher on cnn_medium (its architecture by the rule of dard.config.source_teacher: --teacher-arch).
+SOURCE_BUDGET = {"teacher_arch": "cnn_medium", "teacher_epochs": 10, "student_epochs": 8, "limit_train": 6000,
+                 "eval_limit": 1000, "val_limit": 500, "aa_limit": 200}
 
 
 def _stage(number: int, text: str) -> float:
@@ -127,6 +143,7 @@ def _previous_report(folder: Path, stem: str, sha256: str, settings: EvalSetting
 def run_demo(s: DemoSettings) -> dict:
     from cluster.precompute import precompute
     from cluster.train import train_distributed
+    from dard.training import open_shards
 
     out = Path(s.out).absolute()
     if s.fresh and out.exists():
@@ -137,7 +154,7 @@ def run_demo(s: DemoSettings) -> dict:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     uri = check_tracking_uri(s.tracking_uri)
-    data = {"limit_train": s.limit_train, "data_dir": s.data_dir}
+    data = s.data()
     validation = {"eval_limit": s.val_limit} if s.val_limit else {}
     summary: dict = {"out": str(out), "tracking_uri": uri}
 
@@ -153,7 +170,7 @@ def run_demo(s: DemoSettings) -> dict:
     shards = out / "shards"
     t = _stage(2, f"teacher soft labels on natural + DPGD views ({s.views} per sample) -> Arrow shards, Ray tasks")
     try:
-        if verify(str(shards))["teacher"].get("sha256") != file_sha256(teacher_path):
+        if ShardSet.open(str(shards)).manifest["teacher"].get("sha256") != file_sha256(teacher_path):
             raise ShardError("made by another teacher")
         _done(t, f"reused {shards}")
     except ShardError:
@@ -164,6 +181,7 @@ def run_demo(s: DemoSettings) -> dict:
         result = precompute(student_cfg, teacher_path, str(shards), views=s.views, rows_per_part=512,
                             address=s.address)
         _done(t, f"{result.manifest['rows']} rows in {len(result.manifest['parts'])} parts, {shards}")
+    checked = open_shards(str(shards), student_cfg)  # once: both students train from it
 
     students = {}
     for number, method in ((3, "dard"), (4, "sat")):
@@ -180,7 +198,7 @@ def run_demo(s: DemoSettings) -> dict:
             _done(t, f"reused {model_path}")
             logger.log(json.loads(Path(out / method / "final_metrics.json").read_text()), s.student_epochs - 1)
         else:
-            result = train_distributed(cfg, str(shards), workers=s.workers, name=f"demo-{method}",
+            result = train_distributed(cfg, checked, workers=s.workers, name=f"demo-{method}",
                                        storage_path=str(out / "ray"), address=s.address,
                                        tracking={"uri": uri, "run_id": logger.run_id}, out=str(model_path))
             Path(out / method / "final_metrics.json").write_text(json.dumps(result.metrics))

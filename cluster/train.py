@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
-from dard.config import Config, from_dict, to_dict
+from dard.config import Config
 from dard.files import absolute, within
 from dard.engine import NonFiniteLossError, epoch_line
 from dard.logs import one_line
+from dard.shards import PeerShardError, ShardError, ShardSet
 from dard.training import open_shards, prepare, save_selected
 
 log = logging.getLogger("dard")
@@ -40,10 +41,12 @@ REPEATED = "dard_repeated"  # a report of an epoch already reported (see train_l
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every worker. ``config``: ``run`` (Config dict), ``shards`` (directory), optional
-    ``teacher_path`` and ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=,
-    model=)`` run after every optimizer step (the fault-tolerance tests kill a worker and record
-    weight digests with it). MLflow is logged by :func:`epochs_to_mlflow`, not here."""
+    """Runs on every worker. ``config``: ``run`` (the Config), ``shards`` (the :class:`ShardSet`
+    the driver checked: opened here without checking it again), optional ``teacher_path`` and
+    ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=, model=, rows=)`` run after
+    every optimizer step (``rows``: the samples it trained on; the fault-tolerance tests kill a
+    worker and record weight digests and rows with it).
+    MLflow is logged by :func:`epochs_to_mlflow`, not here."""
     import ray.train
     import ray.train.torch
 
@@ -51,13 +54,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # a logger named after its file, whatever LoggingConfig says; the rank-0 epoch line below is
     # the one a person reads, so libraries in a worker say warnings only.
     logging.getLogger().setLevel(logging.WARNING)
-    cfg = from_dict(config["run"])
+    cfg = config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     try:
-        # the driver already verified the shards' checksums: "fast" checks the manifest and sizes
         run = prepare(cfg, teacher_path=config.get("teacher_path"), shards=config["shards"], rank=rank,
-                      world_size=world, device=ray.train.torch.get_device(), check="fast")
+                      world_size=world, device=ray.train.torch.get_device())
         error = None
     except ValueError as err:  # config, shards, teacher: a restart cannot fix it
         error = err
@@ -92,10 +94,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         run.epochs(report, rank=rank, extra_metrics={"world_size": world, **_nodes(world)},
                    on_step=None if hook is None else
-                   (lambda epoch, step: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
-                                             model=run.model)))
+                   (lambda epoch, step, batch: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
+                                                    model=run.model, rows=batch.index)))
     except NonFiniteLossError as err:  # decided on all-reduced gradients: every rank is here, at the same step
         if rank == 0:
+            ray.get(fatal.set.remote(one_line(err)))
+        return
+    except ShardError as err:  # a part that cannot be read: every rank stops at the same step (agreed)
+        if not isinstance(err, PeerShardError):
             ray.get(fatal.set.remote(one_line(err)))
         return
     if checkpoint and run.start_epoch >= cfg.optim.epochs and run.history:
@@ -149,12 +155,12 @@ def _nodes(world: int) -> dict[str, Any]:
     return {"nodes": len({node for node, _ in found}), "node_ips": ",".join(sorted({ip for _, ip in found}))}
 
 
-def epochs_to_mlflow(tracking: dict, run: dict):
+def epochs_to_mlflow(tracking: dict, cfg: Config):
     """A Ray Train callback (it runs in the controller) that logs each epoch to MLflow once every
     worker's report of it has arrived: the epochs a run's checkpoints hold, each once. (Logged by a
     worker, an epoch whose report a lost host never delivered was logged, then trained again after
     the restart from the last checkpoint, and logged twice.) ``tracking``: the EpochLogger's
-    ``{"uri", "run_id"}``; ``run``: the Config as a dict."""
+    ``{"uri", "run_id"}``; ``cfg``: the run's Config."""
     from ray.train import UserCallback  # here: importing Ray fixes its auth mode (ensure_ray sets it first)
 
     class EpochsToMlflow(UserCallback):
@@ -168,7 +174,7 @@ def epochs_to_mlflow(tracking: dict, run: dict):
             if self.logger is None:
                 from dard.tracking import EpochLogger
 
-                self.logger = EpochLogger(tracking, from_dict(run))
+                self.logger = EpochLogger(tracking, cfg)
             self.logger.log(first, int(first["epoch"]))
 
     return EpochsToMlflow()
@@ -201,13 +207,12 @@ class DistributedResult:
     history: list[dict]
 
 
-def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bool | None = None,
+def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, use_gpu: bool | None = None,
                       address: str | None = None, storage_path: str | None = None, name: str = "dard-train",
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
                       placement_strategy: str = "PACK", callbacks: list | None = None,
-                      step_hook: Callable | None = None, check: str = "full",
-                      collective_timeout_s: int = 300) -> DistributedResult:
+                      step_hook: Callable | None = None, collective_timeout_s: int = 300) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
@@ -216,16 +221,16 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     of the MLflow run the epochs go to (:func:`epochs_to_mlflow`). ``storage_path`` (local dir or ``s3://``)
     holds checkpoints; the same ``(storage_path, name)`` resumes. ``out``: the final model file
     (a path or URI; default ``<storage>/<name>/model.pt``, beside its checkpoints: in a Ray job the
-    working directory is a temporary copy on the head).
-    ``check``: how the shards are verified here (``full``: checksums and rows; ``fast`` when the
-    caller just did that). ``collective_timeout_s``: how long a rank waits in a collective (a
+    working directory is a temporary copy on the head). ``shards``: a directory, checked here
+    (:func:`dard.training.open_shards`), or a :class:`ShardSet` the caller checked; the workers
+    get it as it is. ``collective_timeout_s``: how long a rank waits in a collective (a
     peer's host lost without a closed connection) before it fails and Ray Train restarts the group
     (torch's default is 30 minutes).
     """
     from cluster.ray_session import cluster_has_gpus, ensure_ray
 
     check_scaling(workers, max_failures, cpus_per_worker, collective_timeout_s)
-    open_shards(shards, cfg, teacher_path, check=check)  # on the driver, before any worker starts
+    checked = open_shards(shards, cfg, teacher_path)  # on the driver, once, before any worker starts
     ray = ensure_ray(address)
     # on the driver's node: an actor elsewhere would die with its host (a lost worker host must not
     # take the run's error channel with it)
@@ -244,10 +249,9 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
     if use_gpu:
         resources["GPU"] = 1
     storage = run_storage(cfg, storage_path)
-    shards_abs = absolute(shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "shards": shards_abs,
+        train_loop_config={"run": cfg, "shards": checked,
                            "teacher_path": absolute(teacher_path) if teacher_path else None,
                            "step_hook": step_hook, "fatal": fatal},
         # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
@@ -257,7 +261,7 @@ def train_distributed(cfg: Config, shards: str, *, workers: int = 2, use_gpu: bo
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              # each epoch to MLflow once all workers reported it (tracking: {"uri", "run_id"})
-                             callbacks=[*(callbacks or []), *([epochs_to_mlflow(tracking, to_dict(cfg))] if tracking else [])],
+                             callbacks=[*(callbacks or []), *([epochs_to_mlflow(tracking, cfg)] if tracking else [])],
                              # the best epoch by the selection metric, and the latest (Ray always keeps it)
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="max"),

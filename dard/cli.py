@@ -14,7 +14,7 @@ import yaml
 from dard import logs
 from dard.logs import one_line
 from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, EXPORT_FORMATS, METHODS, STEP_SCHEDULES,
-                         Config, ConfigError, load_yaml, teacher_config)
+                         Config, ConfigError, deep_merge, default_sections, read_yaml, teacher_config)
 
 log = logging.getLogger("dard")
 
@@ -27,11 +27,32 @@ def pixel_value(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number like 8/255 or 0.03, got {text!r}") from err
 
 
+def image_size(text: str) -> list[int]:
+    """'32' -> [32, 32]; '32,48' or '32x48' -> [32, 48] (height, width)."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected H,W or N pixels, e.g. 32 or 64,48, got {text!r}") from err
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W or N pixels (>= 1), e.g. 32 or 64,48, got {text!r}")
+    return values * 2 if len(values) == 1 else values
+
+
 def add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods: tuple[str, ...]) -> None:
     g = p.add_argument_group("run configuration (flags override --config)")
     g.add_argument("--config", help="YAML run config (see `dard config --dataset digits`)")
-    g.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, nothing downloaded); fashion-mnist "
-                   "reads local IDX files")
+    g.add_argument("--dataset", help=f"a preset ({', '.join(DATASETS)}; default digits: embedded, nothing downloaded), "
+                   "or with --source the name of your images (default: the folder's or table's name)")
+    g.add_argument("--source", help="your images: folder:PATH (one sub-folder per class, or train/ and test/ folders "
+                   "of those) or table:PATH (Parquet/Arrow with image and label columns); PATH local or s3://, gs://")
+    g.add_argument("--test-source", help="a fixed test set (folder:PATH or table:PATH); default: carved from "
+                   "--source by seed (data.test_fraction)")
+    g.add_argument("--image-size", type=image_size, metavar="H,W", help="resize every image to H,W (or N,N); "
+                   "default: none, and every image must have the first one's size")
+    g.add_argument("--labels", type=int, metavar="N", help="keep the labels of N training samples (stratified by "
+                   "class); the rest become the unlabeled pool")
+    g.add_argument("--pool", help="more images without labels (folder:PATH or table:PATH) for the teacher to label")
     g.add_argument("--data-dir", help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/; Fashion-MNIST: "
                    "the IDX files' folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--arch", help="architecture (see `dard models`)")
@@ -56,26 +77,76 @@ def add_config_args(p: argparse.ArgumentParser, *, method_default: str, methods:
     p.set_defaults(method_default=method_default)
 
 
+def source_name(spec: str) -> str:
+    """A dataset name for a source: its folder's or table's name (``train`` folders: their parent's)."""
+    import re
+
+    parts = [p for p in spec.split(":", 1)[-1].rstrip("/").split("/") if p]
+    name = parts[-1] if parts else "data"
+    if name in ("train", "training") and len(parts) > 1:
+        name = parts[-2]
+    name = re.sub(r"\.(parquet|arrow|feather)$", "", name.lower())
+    name = re.sub(r"[^a-z0-9._-]+", "-", name).strip("-.") or "data"
+    return name if name not in DATASETS else f"{name}-own"
+
+
+def _overrides(items: list[str]) -> list[tuple[str, list[str], object]]:
+    """``--set SECTION.KEY=VALUE`` items -> (section, key path, YAML value)."""
+    out = []
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. loss.w_adv=0.5")
+        dotted, value = item.split("=", 1)
+        section, *path = dotted.split(".")
+        out.append((section, path, yaml.safe_load(value)))
+    return out
+
+
+def _assign(raw: dict, section: str, path: list[str], value, item: str) -> None:
+    if section not in raw:
+        raise ConfigError(f"--set {item}: unknown section {section!r}; known: {sorted(raw)}")
+    target = raw[section]
+    for key in path[:-1]:  # model.kwargs.width=0.5
+        if not isinstance(target.get(key), dict):
+            raise ConfigError(f"--set {item}: {section}.{key} is not a mapping")
+        target = target[key]
+    target[path[-1]] = value
+
+
 def build_config(args: argparse.Namespace) -> Config:
-    """Config from --config (or the dataset's defaults), then flags, then --set overrides."""
-    if args.config:
-        cfg = load_yaml(args.config)
-        raw = cfg.to_dict()
-        if args.dataset and args.dataset != cfg.data.dataset:
-            raw = Config.for_dataset(args.dataset).to_dict() | {k: v for k, v in raw.items() if k != "data"}
-            raw["data"]["dataset"] = args.dataset
-    elif args.method_default is None:  # train-teacher: the dataset's teacher recipe (TEACHER_DEFAULTS)
-        raw = teacher_config(args.dataset or "digits").to_dict()
-    else:
-        raw = Config.for_dataset(args.dataset or "digits").to_dict()
+    """Config from --config (or the dataset's defaults), then flags, then --set overrides. A source
+    of your own is listed first (its defaults follow its images: :func:`dard.config.source_defaults`)
+    and its facts pinned (:func:`dard.data.resolve_section`)."""
+    from dard.config import from_dict
+    from dard.data import resolve_section
+
+    given = read_yaml(args.config) if args.config else {}
+    sets = _overrides(args.set)
+    data = dict(given.get("data") or {})
+    if args.dataset and args.dataset != data.get("dataset", args.dataset):
+        data = {}  # another dataset than the file's: its defaults, with the file's other sections on top
+    data_flags = {"source": args.source, "test_source": args.test_source, "image_size": args.image_size,
+                  "labeled": args.labels, "pool": args.pool, "data_dir": args.data_dir, "limit_train": args.limit_train}
+    data.update({k: v for k, v in data_flags.items() if v is not None})
+    for section, path, value in sets:
+        if section == "data":
+            _assign({"data": data}, section, path, value, f"data.{'.'.join(path)}")
+    source = data.get("source")
+    data["dataset"] = dataset = args.dataset or data.get("dataset") or (source_name(source) if source else "digits")
+    data = resolve_section(data)
+    teacher = args.method_default is None  # train-teacher: the dataset's teacher recipe (TEACHER_DEFAULTS)
+    raw = default_sections(dataset, data, teacher=teacher and not given)
+    for name, values in {**given, "data": data}.items():
+        raw[name] = deep_merge(raw[name], values) if isinstance(raw.get(name), dict) else values
+    if not given and not teacher:
         raw["loss"]["method"] = args.method_default
     flags = {
-        ("data", "data_dir"): args.data_dir, ("data", "limit_train"): args.limit_train, ("model", "arch"): args.arch,
-        ("loss", "method"): args.method, ("optim", "epochs"): args.epochs, ("optim", "batch_size"): args.batch_size,
-        ("optim", "lr"): args.lr, ("attack", "eps"): args.eps, ("attack", "step_size"): args.step_size,
-        ("attack", "steps"): args.steps, ("loss", "temperature"): args.temperature,
-        ("loss", "divergence"): args.divergence, ("attack", "dpgd_loss"): args.dpgd_loss,
-        ("attack", "dpgd_schedule"): args.dpgd_schedule, ("run", "seed"): args.seed, ("run", "device"): args.device,
+        ("model", "arch"): args.arch, ("loss", "method"): args.method, ("optim", "epochs"): args.epochs,
+        ("optim", "batch_size"): args.batch_size, ("optim", "lr"): args.lr, ("attack", "eps"): args.eps,
+        ("attack", "step_size"): args.step_size, ("attack", "steps"): args.steps,
+        ("loss", "temperature"): args.temperature, ("loss", "divergence"): args.divergence,
+        ("attack", "dpgd_loss"): args.dpgd_loss, ("attack", "dpgd_schedule"): args.dpgd_schedule,
+        ("run", "seed"): args.seed, ("run", "device"): args.device,
     }
     if args.arch is not None and args.arch != raw["model"]["arch"]:
         raw["model"]["kwargs"] = {}  # the default architecture's knobs mean nothing to another one
@@ -86,21 +157,9 @@ def build_config(args: argparse.Namespace) -> Config:
         raw["optim"]["amp"] = True
     if args.no_progress:
         raw["run"]["progress"] = False
-    for item in args.set:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. loss.w_adv=0.5")
-        dotted, value = item.split("=", 1)
-        section, *path = dotted.split(".")
-        if section not in raw:
-            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: {sorted(raw)}")
-        target = raw[section]
-        for key in path[:-1]:  # model.kwargs.width=0.5
-            if not isinstance(target.get(key), dict):
-                raise ConfigError(f"--set {item!r}: {section}.{key} is not a mapping")
-            target = target[key]
-        target[path[-1]] = yaml.safe_load(value)
-    from dard.config import from_dict
-
+    for section, path, value in sets:
+        if section != "data":
+            _assign(raw, section, path, value, f"{section}.{'.'.join(path)}")
     return from_dict(raw)
 
 
@@ -142,26 +201,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dard.config import Config as _Config
+    from dard.attacks.registry import PROTOCOL
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
-    from dard.attacks.registry import PROTOCOL
     from dard.evaluate import EvalSettings, evaluate_model
-    from dard.registry import load_reference
+    from dard.modelfile import load
     from dard.report import provenance, write_report
 
-    model, header = load_reference(args.model, args.tracking_uri)
-    dataset = header["dataset"]
-    saved = (header.get("meta") or {}).get("config")
-    cfg = _Config.for_dataset(dataset)
-    if saved:
-        from dard.config import from_dict
-
-        cfg = from_dict(saved)
-    if args.data_dir:
-        cfg = cfg.updated(data={"data_dir": args.data_dir})
+    mf = load(args.model, args.tracking_uri)
+    cfg = mf.run_config(args.data_dir)
     device = resolve_device(args.device or "auto")
-    model = model.to(device)
+    model = mf.model.to(device)
     split = getattr(load_splits(cfg.data), args.split)
     settings = EvalSettings.for_config(cfg, eps=args.eps, step_size=args.step_size, limit=args.limit,
                                        attacks=tuple(args.attacks.split(",")) if args.attacks else PROTOCOL,
@@ -173,11 +223,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         out_dir = Path(args.model).with_name(Path(args.model).stem + "-eval")
     logs.to_file(out_dir)
+    split = split.head(settings.limit)  # decode only what is evaluated
     report = evaluate_model(model, to_float(split.images), split.labels, settings, progress=not args.no_progress)
-    report.meta = {"model": str(args.model), "arch": header["arch"], "dataset": dataset, "split": args.split,
-                   "method": (header.get("meta") or {}).get("method"), "provenance": provenance(header)}
+    report.meta = {"model": str(args.model), "arch": mf.arch, "dataset": cfg.data.dataset, "split": args.split,
+                   "method": mf.method, "classes": mf.classes, "input": mf.input, "provenance": provenance(mf.header)}
     paths = write_report(report, out_dir)
-    print(f"{header['arch']} ({report.meta['method']}) on {dataset} {args.split}, eps={settings.eps:.4g}:")
+    print(f"{mf.arch} ({report.meta['method']}) on {cfg.data.dataset} {args.split}, eps={settings.eps:.4g}:")
     print(report.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -187,11 +238,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export, then run the exported file itself: parity and robustness next to the PyTorch model."""
     import tempfile
 
-    from dard.config import from_dict
     from dard.data import load_splits, to_float
     from dard.evaluate import EvalSettings
     from dard.export import ExportError, check_export, export_model, load_export
-    from dard.registry import load_reference
+    from dard.modelfile import load
 
     bad = [f"{flag}: must be in [0, 1], got {value:g}" for flag, value in (
         ("--tolerance", args.tolerance), ("--min-agreement", args.min_agreement), ("--max-drop", args.max_drop))
@@ -199,20 +249,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError("; ".join(bad))
 
-    model, header = load_reference(args.model, args.tracking_uri)
-    saved = (header.get("meta") or {}).get("config")
-    cfg = from_dict(saved) if saved else Config.for_dataset(header["dataset"])
-    if args.data_dir:
-        cfg = cfg.updated(data={"data_dir": args.data_dir})
+    mf = load(args.model, args.tracking_uri)
+    cfg = mf.run_config(args.data_dir)
     settings = EvalSettings.for_config(cfg, eps=args.eps, limit=args.limit)
-    test = load_splits(cfg.data).test
-    x, y = to_float(test.images)[:settings.limit], test.labels[:settings.limit]
+    test = load_splits(cfg.data).test.head(settings.limit)
+    x, y = to_float(test.images), test.labels
     out = Path(args.out)
     label = args.format + (" int8" if args.int8 else "")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        staged = export_model(model, x[:2], args.format, Path(tmp) / out.name, int8=args.int8)  # checked before it is kept
-        check = check_export(model, load_export(staged, args.format), x, y, settings, square_limit=args.aa_limit)
-        print(f"{header['arch']} on {cfg.data.dataset} test ({check.samples} samples), eps={settings.eps:.4g}, {label}:")
+        staged = export_model(mf.model, x[:2], args.format, Path(tmp) / out.name, int8=args.int8,
+                              metadata=export_metadata(mf))  # checked before it is kept
+        check = check_export(mf.model, load_export(staged, args.format), x, y, settings, square_limit=args.aa_limit)
+        print(f"{mf.arch} on {cfg.data.dataset} test ({check.samples} samples), eps={settings.eps:.4g}, {label}:")
         print(check.table(label))
         problems = check.problems(args.tolerance, int8=args.int8, min_agreement=args.min_agreement,
                                   max_drop=args.max_drop)
@@ -227,18 +275,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shards_inspect(args: argparse.Namespace) -> int:
-    from dard.data import load_splits
-    from dard.shards import PINNED_DATA, ShardReader
+def export_metadata(mf) -> dict[str, str]:
+    """What an exported file says of itself: class names, the input it takes (shape, [0, 1] range,
+    channels, the eps it was trained for), its architecture, dataset and the dard file it came from."""
+    return {"dard.classes": json.dumps(mf.classes), "dard.input": json.dumps(mf.input), "dard.arch": mf.arch,
+            "dard.dataset": str(mf.dataset), "dard.model_sha256": str(mf.sha256)}
 
-    reader = ShardReader(args.directory, check="none" if args.no_verify else "full")
+
+def cmd_shards_inspect(args: argparse.Namespace) -> int:
+    from dard.data import load_splits, resolve_section
+    from dard.shards import PINNED_DATA, ShardSet, check_fingerprint
+
+    shards = ShardSet.unchecked(args.directory) if args.no_verify else ShardSet.open(args.directory)
+    m = shards.manifest
     if not args.no_verify:  # the rows against the split the manifest claims, rebuilt from its own data fields
-        m = reader.manifest
         data = {k: v for k, v in (m.get("data") or {}).items() if k in PINNED_DATA or k == "data_dir"}
+        if data.get("source") or data.get("pool"):
+            resolve_section({"dataset": m["dataset"], **data})  # the source is still the one the shards were built from
         claimed = Config.for_dataset(m["dataset"], data=data).data
-        reader.check_claims(load_splits(claimed), m["split"], claimed.crop_padding)
-    s = reader.summary()
-    print(f"{s['directory']}: {s['dataset']}/{s['split']}, {s['samples']} samples x {s['views']} views = {s['rows']} rows "
+        if claimed.preset:
+            splits = load_splits(claimed)
+            shards.check_rows(splits, m["split"], claimed.crop_padding)
+        check_fingerprint(shards.directory, m)
+    s = shards.summary()
+    samples = " + ".join(f"{n} {kind}" for kind, n in s["samples"].items() if n)
+    print(f"{s['directory']}: {s['dataset']}/{s['split']}, {samples} samples x {s['views']} views = {s['rows']} rows "
           f"in {s['parts']} parts, {s['bytes'] / 1e6:.2f} MB ({s['bytes_per_row']:.0f} B/row)")
     t = s["teacher"]
     print(f"teacher: {t.get('arch')} sha256 {t.get('sha256')} ({t.get('path')})")
@@ -246,8 +307,8 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
     print(f"DPGD: eps {a.get('eps'):.5g}, step {a.get('step_size'):.5g}, {a.get('steps')} steps, loss {a.get('dpgd_loss')}, "
           f"schedule {a.get('dpgd_schedule')}")
     print(f"created {s['created']} by dard {s['package_version']}; checks: "
-          + ("skipped" if args.no_verify else f"manifest, sizes, sha256, schema, rows (each the {s['split']} split's "
-                                                "sample it names) all ok"))
+          + ("skipped" if args.no_verify else "manifest, sizes, schema, every unit's digest, "
+             + ("rows (each the sample it names)" if claimed.preset else "the source unchanged since") + " all ok"))
     if args.json:
         print(json.dumps(s, indent=2, default=str))
     return 0
@@ -262,17 +323,16 @@ def cmd_video(args: argparse.Namespace) -> int:
         return 0
     if not args.input or not args.model:
         raise ConfigError("dard video needs --input CLIP and --model PATH|models:/NAME@ALIAS (or --make-sample)")
-    from dard.registry import load_reference
+    from dard.modelfile import load
 
-    model, header = load_reference(args.model, args.tracking_uri)
-    cfg = (header.get("meta") or {}).get("config") or {}
-    eps = args.eps if args.eps is not None else cfg.get("attack", {}).get("eps", 8 / 255)
-    step = args.step_size if args.step_size is not None else cfg.get("attack", {}).get("step_size", eps / 4)
+    mf = load(args.model, args.tracking_uri)
     labels = args.labels
     if labels is None and Path(args.input).with_suffix(".labels.csv").exists():
         labels = str(Path(args.input).with_suffix(".labels.csv"))
     out = args.out or str(Path(args.input).with_name(Path(args.input).stem + f"-{args.attack}.mp4"))
-    r = run_video(args.input, model, header, attack=args.attack, out=out, eps=eps, step_size=step, labels_path=labels)
+    r = run_video(args.input, mf, attack=args.attack, out=out, eps=args.eps, step_size=args.step_size,
+                  labels_path=labels)
+    eps = r.eps
     print(f"{r.frames} frames, attack {args.attack} (eps {eps:.4g}): flip rate {100 * r.flip_rate:.1f}%"
           + (f", accuracy natural {100 * r.natural_accuracy:.1f}% -> attacked {100 * r.adversarial_accuracy:.1f}%"
              if r.natural_accuracy is not None else ""))
@@ -289,8 +349,51 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = teacher_config(args.dataset) if args.teacher else Config.for_dataset(args.dataset)
+    """The defaults of a preset, or of your own images (listed, their facts pinned, defaults by the
+    rule of dard.config.source_defaults), as the YAML `--config` reads."""
+    if args.source or args.test_source or args.image_size:
+        from dard.data import source_config
+
+        if not args.source:
+            raise ConfigError("--test-source and --image-size describe a --source; give it too")
+        data = {"source": args.source, "test_source": args.test_source, "image_size": args.image_size}
+        cfg = source_config(args.dataset or source_name(args.source), teacher=args.teacher,
+                            data={k: v for k, v in data.items() if v is not None})
+    else:
+        dataset = args.dataset or "digits"
+        cfg = teacher_config(dataset) if args.teacher else Config.for_dataset(dataset)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """List a source and decode every image: what a run would find, before it starts."""
+    from collections import Counter
+
+    from dard.data import load_splits, resolve_section
+    from dard.precompute import index_source
+
+    data = {"dataset": args.dataset or source_name(args.source), "source": args.source, "test_source": args.test_source,
+            "image_size": args.image_size, "channels": args.channels, "pool": args.pool}
+    cfg = Config.for_dataset(data["dataset"], data=resolve_section({k: v for k, v in data.items() if v is not None}))
+    splits = load_splits(cfg.data)
+    problems: list[str] = []
+    index = index_source(cfg, splits, progress=not args.no_progress, problems=problems) or []
+    d = cfg.data
+    counts = Counter(splits.train.labels.tolist() + splits.val.labels.tolist()
+                     + ([] if d.test_source else splits.test.labels.tolist()))
+    print(f"{d.source}: {sum(counts.values())} images in {d.num_classes} classes"
+          + (f", test {d.test_source}: {len(splits.test)}" if d.test_source else "")
+          + (f", pool {d.pool}: {len(splits.pool)}" if d.pool else ""))
+    print("classes: " + ", ".join(f"{name} ({counts.get(i, 0)})" for i, name in enumerate(d.class_names)))
+    print(f"stored as {d.shape[0]} x {d.shape[1]} x {d.shape[2]} (channels, height, width)"
+          + (f", resized to {d.image_size}" if d.image_size else "") + f"; fingerprint {d.fingerprint}")
+    print(f"splits (seed {d.split_seed}): train {len(splits.train)}, validation {len(splits.val)}, test {len(splits.test)}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(index)} images cannot be used as they are (listed above)")
+    print(f"every image decoded: {len(index)} checked, no problem")
     return 0
 
 
@@ -322,7 +425,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         model, header = load_registered(args.uri if args.uri.startswith("models:/") else f"models:/{args.uri}", uri)
         save_model(args.out, model, arch=header["arch"], num_classes=header["num_classes"],
                    in_channels=header["in_channels"], dataset=header["dataset"], arch_kwargs=header["arch_kwargs"],
-                   meta=header["meta"])
+                   meta=header["meta"], classes=header.get("classes"), input=header.get("input"))
         print(f"{args.uri} -> {args.out} ({header['arch']}, {header['dataset']})")
     return 0
 
@@ -456,10 +559,26 @@ def make_parser(registrars: list | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list architectures")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("config", help="print a dataset's default run config as YAML")
-    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p = sub.add_parser("config", help="print a dataset's default run config as YAML (a preset's, or your images')")
+    p.add_argument("--dataset", help=f"a preset ({', '.join(DATASETS)}; default digits), or the name of --source")
+    p.add_argument("--source", help="your images (folder:PATH or table:PATH): listed, their facts pinned, defaults "
+                                    "chosen by their size and channels (docs/design.md §8)")
+    p.add_argument("--test-source")
+    p.add_argument("--image-size", type=image_size, metavar="H,W")
     p.add_argument("--teacher", action="store_true", help="the teacher recipe (what train-teacher trains) instead")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("data", help="your own images: `dard data check SOURCE`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("check", help="list a source and decode every image: classes, counts, size, problems")
+    q.add_argument("source", help="folder:PATH or table:PATH (local, s3://, gs://)")
+    q.add_argument("--dataset", help="its name (default: the folder's or table's)")
+    q.add_argument("--test-source")
+    q.add_argument("--pool", help="a pool of images without labels, checked against validation and test")
+    q.add_argument("--image-size", type=image_size, metavar="H,W", help="resize to H,W (else every image must match the first)")
+    q.add_argument("--channels", type=int, choices=(1, 3), help="convert to grey (1) or RGB (3)")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_data_check)
     _show_defaults(parser)
     return parser
 

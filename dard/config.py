@@ -16,17 +16,29 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import yaml
 
-# Each dataset's facts: (classes, image shape (C, H, W)); read them through DataConfig.
-DATASET_FACTS = {"digits": (10, (1, 8, 8)), "fashion-mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
-                 "cifar100": (100, (3, 32, 32))}
+# The presets' facts: (class names in label order, image shape (C, H, W)); read them through
+# DataConfig (``class_names``, ``num_classes``, ``image_shape``), which also covers your own sources.
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train tulip turtle
+wardrobe whale willow_tree wolf woman worm""".split())
+PRESETS = {"digits": (tuple(str(d) for d in range(10)), (1, 8, 8)), "fashion-mnist": (FASHION_CLASSES, (1, 28, 28)),
+           "cifar10": (CIFAR10_CLASSES, (3, 32, 32)), "cifar100": (CIFAR100_CLASSES, (3, 32, 32))}
 # The choices, as types: fields declare them, the checker, argparse and the search space read them.
-Dataset = Literal["digits", "fashion-mnist", "cifar10", "cifar100"]
+Dataset = Literal["digits", "fashion-mnist", "cifar10", "cifar100"]  # the presets
 Method = Literal["natural", "sat", "trades", "dard", "ard", "rslad"]
 Divergence = Literal["kl", "dice"]
 DpgdLoss = Literal["dice", "ce", "dice+ce", "cw"]
 StepSchedule = Literal["constant", "cosine", "apgd"]
 LrSchedule = Literal["multistep", "cosine", "onecycle", "constant"]
 RobTarget = Literal["teacher_nat", "self", "teacher_adv", "label"]
+PseudoLabels = Literal["teacher", "none"]
 DATASETS, METHODS, DIVERGENCES = get_args(Dataset), get_args(Method), get_args(Divergence)
 DPGD_LOSSES, STEP_SCHEDULES = get_args(DpgdLoss), get_args(StepSchedule)
 LR_SCHEDULES, ROB_TARGETS = get_args(LrSchedule), get_args(RobTarget)
@@ -128,32 +140,98 @@ def field_hints(section_cls: type) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Pattern:
+    """A string field's rule, declared as ``Annotated[str, Pattern(regex, what)]``."""
+
+    regex: str
+    what: str
+
+    def problem(self, v: str) -> str | None:
+        import re
+
+        return None if re.fullmatch(self.regex, v) else f"{self.what}, got {v!r}"
+
+
+SOURCE_KINDS = ("folder", "table")
+# Your own images: ``folder:PATH`` (one sub-folder per class, torchvision's ImageFolder; or ``train/`` and
+# ``test/`` folders of such; or the images alone for an unlabeled pool) or ``table:PATH`` (Parquet or
+# Arrow IPC with an image column: encoded bytes or a path, and a label column); PATH local or a URI.
+SourceSpec = Annotated[str, Pattern(r"(folder|table):.+", "expected folder:PATH or table:PATH (PATH local, or "
+                                                          "s3://, gs://, file:// URIs)")]
+DatasetName = Annotated[str, Pattern(r"[a-z0-9][a-z0-9._-]{0,63}", "expected a name of lowercase letters, digits, "
+                                                                  "'.', '_' or '-'")]
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Dataset, split and augmentation.
+    """Dataset, split, augmentation and (with shards) how rows are streamed.
+
+    ``dataset`` is a preset (digits, fashion-mnist, cifar10, cifar100) or, with ``source``, the
+    name of your own images. A source's ``classes``, ``shape`` and ``fingerprint`` (a digest of its listing: every file's name, size and label) are filled where a
+    run starts (:func:`dard.data.resolve`) and then pinned: shards, checkpoints and model files
+    carry them, and a source that changed is refused by name. Images are resized to
+    ``image_size`` (H, W; bilinear) only when they differ from it, stored as uint8, and converted
+    to ``channels`` (1: L, 3: RGB) only when set; left unset, every image must already have the
+    first image's size (or channel count), and ``shape`` records what was found.
 
     ``crop_padding``/``flip`` define the standard augmentation (random crop with zero padding,
-    horizontal flip); the shard format records the drawn parameters per view.
+    horizontal flip); the shard format records the drawn parameters per view. ``labeled`` keeps
+    the labels of that many training samples (stratified by class, by ``split_seed``) and makes the
+    rest an unlabeled pool; ``pool`` adds images without labels. With shards, ``pool_share`` is the
+    share of every batch drawn from pool rows (robust self-training uses 0.5; None: as they come),
+    and ``shuffle_window`` the record batches (<= 1024 rows each) a rank holds and mixes at a time.
     """
 
-    dataset: Dataset = "digits"
-    # CIFAR: folder holding cifar-10-batches-py / cifar-100-python; Fashion-MNIST: the IDX files'
-    # folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)
+    dataset: DatasetName = "digits"
+    source: SourceSpec | None = None
+    test_source: SourceSpec | None = None  # a fixed test set; without it the test split is carved by seed
+    image_column: str = "image"  # table sources: encoded image bytes, or a path relative to the table
+    label_column: str = "label"  # table sources: class index or class name
+    image_size: tuple[Annotated[int, Range(1, 4096)], ...] | None = None  # (H, W)
+    channels: Literal[1, 3] | None = None
+    classes: tuple[str, ...] = ()  # class names in label order (a source's are filled when resolved)
+    shape: tuple[Annotated[int, Range(1)], ...] | None = None  # (C, H, W) stored: filled when resolved
+    fingerprint: str | None = None  # the source's listing digest, filled when resolved
+    # presets: CIFAR's folder holding cifar-10-batches-py / cifar-100-python; Fashion-MNIST's IDX
+    # files' folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)
     data_dir: str | None = None
-    split_seed: int = 0  # fixes the train/val/test partition (digits) and train/val (others)
+    split_seed: int = 0  # fixes the train/val/test partition and the labeled subset
     val_fraction: Fraction01 = 0.1  # validation is what selection and the registry use
-    test_fraction: Fraction01 = 0.2  # digits only: CIFAR has its own test split
+    test_fraction: Fraction01 = 0.2  # digits and sources without test_source: the carved test share
     crop_padding: Annotated[int, Range(0)] = 4
     flip: bool = True
     limit_train: Count | None = None  # use only the first N training samples (smoke tests)
+    labeled: Count | None = None
+    pool: SourceSpec | None = None
+    pool_share: Annotated[float, Range(0, 1)] | None = None
+    shuffle_window: Count = 4
+
+    @property
+    def preset(self) -> bool:
+        return self.source is None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        if self.preset:
+            return PRESETS[self.dataset][0]
+        if not self.classes:
+            raise ConfigError(f"data.source {self.source}: not resolved yet (classes unknown); build the config "
+                              "through dard.data.resolve(cfg)")
+        return self.classes
 
     @property
     def num_classes(self) -> int:
-        return DATASET_FACTS[self.dataset][0]
+        return len(self.class_names)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
-        return DATASET_FACTS[self.dataset][1]
+        if self.preset:
+            return PRESETS[self.dataset][1]
+        if self.shape is None:
+            raise ConfigError(f"data.source {self.source}: not resolved yet (image size unknown); build the config "
+                              "through dard.data.resolve(cfg)")
+        return self.shape
 
 
 @dataclass(frozen=True)
@@ -210,6 +288,11 @@ class LossConfig:
     trades_beta: NonNegative = 6.0
     ard_alpha: Annotated[float, Range(0, 1)] = 1.0
     ard_temperature: Positive = 30.0
+    # pool rows (data.labeled / data.pool): hard-label terms take the teacher's argmax where a row has
+    # no label (robust self-training), or skip such rows (none); a pool row whose teacher confidence
+    # (its largest softmax probability) is below pseudo_threshold is skipped either way
+    pseudo_labels: PseudoLabels = "teacher"
+    pseudo_threshold: Annotated[float, Range(0, 1)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +309,7 @@ class OptimConfig:
     milestones: tuple[Fraction01, ...] = (0.5, 0.75)  # fractions of epochs where lr is divided by 10
     amp: bool = False  # bf16/fp16 autocast on CUDA; ignored on CPU
     grad_clip: Positive | None = None
+    steps_per_epoch: Count | None = None  # shards: steps an epoch (default: one pass over the rows)
 
 
 @dataclass(frozen=True)
@@ -265,11 +349,10 @@ class Config:
 
     @classmethod
     def for_dataset(cls, dataset: str, **sections: dict[str, Any]) -> "Config":
-        """Defaults for ``dataset`` with ``sections`` (e.g. ``attack={"steps": 5}``) applied on top."""
-        if dataset not in DATASET_DEFAULTS:
-            raise ConfigError(f"data.dataset: {unknown(dataset, DATASETS)}")
-        base = deep_merge(DATASET_DEFAULTS[dataset], {"data": {"dataset": dataset}})
-        return from_dict(deep_merge(base, sections))
+        """Defaults for ``dataset`` with ``sections`` (e.g. ``attack={"steps": 5}``) applied on top.
+        A dataset of your own (``data={"source": ...}``) takes the rule of :func:`source_defaults`,
+        which needs the source resolved (:func:`dard.data.resolve` fills ``data``)."""
+        return from_dict(deep_merge(default_sections(dataset, sections.get("data")), sections))
 
     def updated(self, **sections: dict[str, Any]) -> "Config":
         """A copy with ``sections`` (``run={"out_dir": "x"}``) changed, checked again."""
@@ -302,7 +385,8 @@ def _rule_problems(cfg: Config) -> list[str]:
     out += [f"model.{p}" for p in knob_problems(m.arch, m.kwargs)] if m.arch in available() else []
     if a.eps > 0 and a.step_size > a.eps:
         out.append(f"attack.step_size: step {a.step_size:.5g} exceeds eps {a.eps:.5g}")
-    channels = d.image_shape[0]
+    out += _data_problems(d)
+    channels = (PRESETS[d.dataset][1][0] if d.dataset in PRESETS else 3) if d.preset else (d.shape or (3,))[0]
     if not all(c < channels for c in a.dpgd_channel_mask):
         out.append(f"attack.dpgd_channel_mask: channels must be in [0, {channels}) for {d.dataset}, "
                    f"got {list(a.dpgd_channel_mask)}")
@@ -311,6 +395,33 @@ def _rule_problems(cfg: Config) -> list[str]:
     r = cfg.run
     if not (r.device in ("auto", "cpu", "mps") or r.device.startswith("cuda")):
         out.append(f"run.device: must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    return out
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    """What ties the data fields together: a preset or a source of your own, never half of each."""
+    out = []
+    if d.preset:
+        if d.dataset not in DATASETS:
+            out.append(f"data.dataset: {unknown(d.dataset, DATASETS)} (or give data.source for your own images)")
+        own = [k for k in ("test_source", "image_size", "channels", "shape") if getattr(d, k) is not None]
+        own += ["fingerprint"] if d.fingerprint is not None and d.pool is None else []
+        own += ["classes"] if d.classes and d.dataset in PRESETS and d.classes != PRESETS[d.dataset][0] else []
+        out += [f"data.{k}: belongs to a source of your own (data.source); the preset {d.dataset} fixes it"
+                for k in own]
+    else:
+        if d.dataset in DATASETS:
+            out.append(f"data.dataset: {d.dataset!r} is a preset's name; name your own data (e.g. the folder's name)")
+        if d.image_size is not None and len(d.image_size) != 2:
+            out.append(f"data.image_size: expected [height, width], got {list(d.image_size)}")
+        if d.shape is not None and (len(d.shape) != 3 or d.shape[0] not in (1, 3)):
+            out.append(f"data.shape: expected [channels (1 or 3), height, width], got {list(d.shape)}")
+        if len(set(d.classes)) != len(d.classes):
+            out.append(f"data.classes: names repeat: {sorted(c for c in set(d.classes) if d.classes.count(c) > 1)}")
+        if d.classes and len(d.classes) < 2:
+            out.append(f"data.classes: a classifier needs at least 2 classes, got {list(d.classes)}")
+    if d.pool_share is not None and d.labeled is None and d.pool is None:
+        out.append("data.pool_share: there is no pool (set data.labeled to hide labels, or data.pool)")
     return out
 
 
@@ -363,10 +474,70 @@ TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def teacher_config(dataset: str, **sections: dict[str, Any]) -> Config:
-    """The dataset's default teacher recipe (``TEACHER_DEFAULTS``) with ``sections`` applied on top."""
-    if dataset not in TEACHER_DEFAULTS:
-        raise ConfigError(f"data.dataset: {unknown(dataset, DATASETS)}")
-    return Config.for_dataset(dataset, **deep_merge(TEACHER_DEFAULTS[dataset], sections))
+    """The dataset's default teacher recipe (``TEACHER_DEFAULTS``, or the rule's for your own
+    data) with ``sections`` applied on top."""
+    return from_dict(deep_merge(default_sections(dataset, sections.get("data"), teacher=True), sections))
+
+
+def default_sections(dataset: str, data: dict[str, Any] | None = None, teacher: bool = False) -> dict[str, Any]:
+    """Every section's defaults for ``dataset`` as plain values, unchecked (the caller puts its
+    own values on top and builds the Config once, so every problem is named at once). ``data``: the
+    run's data section (a source's resolved facts choose its defaults); ``teacher``: the teacher
+    recipe (``TEACHER_DEFAULTS``; :func:`source_teacher` for your own data)."""
+    data = {**(data or {}), "dataset": dataset}
+    raw = deep_merge(to_dict(Config()), deep_merge(defaults_for(data), {"data": {"dataset": dataset}}))
+    if teacher:
+        own = data.get("source") is not None or dataset not in TEACHER_DEFAULTS
+        raw = deep_merge(raw, source_teacher(data) if own else TEACHER_DEFAULTS[dataset])
+    return raw
+
+
+def defaults_for(data: dict[str, Any]) -> dict[str, Any]:
+    """The default sections for the data described by ``data`` (a ``data`` section as a dict)."""
+    name = data.get("dataset", "digits")
+    if data.get("source") is None:
+        if name not in DATASET_DEFAULTS:
+            raise ConfigError(f"data.dataset: {unknown(name, DATASETS)} (or give data.source for your own images)")
+        return DATASET_DEFAULTS[name]
+    return source_defaults(*_resolved(data))
+
+
+def _resolved(data: dict[str, Any]) -> tuple[int, tuple[int, int], int]:
+    if not data.get("shape") or not data.get("classes"):
+        raise ConfigError(f"data.source {data.get('source')}: not resolved yet (classes and image shape unknown); "
+                          "build the config through dard.data.resolve")
+    c, h, w = data["shape"]
+    return int(c), (int(h), int(w)), len(data["classes"])
+
+
+def source_defaults(channels: int, image_size: tuple[int, int], num_classes: int) -> dict[str, Any]:
+    """The defaults for images of your own, by the rule of docs/design.md §8 (every value can be
+    overridden): the threat model of the closest public benchmark -- eps 0.1 for grey images
+    (Fashion-MNIST's), 8/255 for colour ones up to 64 px (CIFAR's), 4/255 above (ImageNet's) --,
+    step eps/4, 10 steps; a crop of 1/8 of the side for images of 16 px or more, no flip (a
+    mirrored sign or digit can be another class); cnn_small for grey images up to 32 px, else
+    ResNet-18; the student recipe measured on digits and Fashion-MNIST (DARD on the SAT backbone,
+    onecycle lr 0.1, 30 epochs, batch 128)."""
+    side = max(image_size)
+    eps = 0.1 if channels == 1 else 8 / 255 if side <= 64 else 4 / 255
+    small_grey = channels == 1 and side <= 32
+    return {
+        "data": {"crop_padding": round(side / 8) if side >= 16 else 0, "flip": False},
+        "model": {"arch": "cnn_small" if small_grey else "resnet18", "kwargs": {}},
+        "attack": {"eps": eps, "step_size": eps / 4, "steps": 10},
+        "loss": {"rob_target": "label", "w_adv": 1.0, "w_rob": 1.0, "w_nat": 0.0, "w_ce": 0.0},
+        "optim": {"epochs": 30, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "weight_decay": 5e-4},
+        "run": {"eval_limit": 512},
+    }
+
+
+def source_teacher(data: dict[str, Any]) -> dict[str, Any]:
+    """The teacher recipe for your own images (docs/design.md §8): TRADES, onecycle lr 0.1, 40
+    epochs, on cnn_large for grey images up to 32 px, else WideResNet-34-10."""
+    channels, image_size, _ = _resolved(data)
+    small_grey = channels == 1 and max(image_size) <= 32
+    return {"model": {"arch": "cnn_large" if small_grey else "wrn34_10", "kwargs": {}}, "loss": {"method": "trades"},
+            "optim": {"epochs": 40, "lr": 0.1, "lr_schedule": "onecycle"}}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -422,8 +593,9 @@ def _legacy(section: str, values: Any) -> Any:
     return {**values, "kwargs": {**kept, **(values.get("kwargs") or {})}}
 
 
-def load_yaml(path: str | Path) -> Config:
-    """Read a YAML config. Sections absent from the file take the dataset's defaults."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's sections as plain values, checked for shape: a mapping of section
+    names to mappings. Values are checked when the Config is built."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -436,9 +608,14 @@ def load_yaml(path: str | Path) -> Config:
     bad = [k for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, (dict, type(None)))]
     if bad:
         raise ConfigError(f"{path}: section {bad[0]!r} must be a name with a mapping of key: value under it")
-    dataset = (raw.get("data") or {}).get("dataset", "digits")
-    raw = {k: v for k, v in raw.items()}
-    return Config.for_dataset(dataset, **raw)
+    return {k: v or {} for k, v in raw.items()}
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a YAML config. Sections absent from the file take the dataset's defaults (a source of
+    your own must be resolved in the file, as `dard config --source` writes it)."""
+    raw = read_yaml(path)
+    return Config.for_dataset(raw.get("data", {}).get("dataset", "digits"), **raw)
 
 
 def save_yaml(cfg: Config, path: str | Path) -> Path:

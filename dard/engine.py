@@ -17,7 +17,7 @@ from torch import nn
 
 from dard.attacks.pgd import cw_inf, pgd
 from dard.config import AttackConfig, Config, LossConfig
-from dard.data import ArrayDataset, TrainBatch
+from dard.data import Dataset, TrainBatch
 from dard.losses import get_loss
 from dard.models.registry import unwrap
 from dard.logs import percent
@@ -39,10 +39,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """On ``device``; channels_last on CUDA (faster convolutions, same numbers)."""
+# Architectures whose training is faster with channels_last weights on a CPU, measured side by side
+# (benchmarks/results/speed-channels-last.md); on CUDA every architecture uses it.
+CHANNELS_LAST_CPU = ("cnn_small", "cnn_medium", "cnn_large")
+
+
+def place_model(model: nn.Module, device: torch.device, arch: str | None = None) -> nn.Module:
+    """On ``device``, with channels_last weights on CUDA and, for ``CHANNELS_LAST_CPU``, on a CPU
+    (faster convolutions; the same numbers within float rounding)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    faster = device.type == "cuda" or (device.type == "cpu" and arch in CHANNELS_LAST_CPU)
+    return model.to(memory_format=torch.channels_last) if faster else model
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -53,7 +60,8 @@ def autocast(device: torch.device, enabled: bool):
 def train_epoch(model: nn.Module, batches: Iterable[TrainBatch], optimizer: torch.optim.Optimizer, *,
                 loss_cfg: LossConfig, attack_cfg: AttackConfig, device: torch.device, amp: bool = False,
                 grad_clip: float | None = None, epoch: int = 0, progress: Callable | None = None) -> dict[str, float]:
-    """Train one epoch; returns mean loss, mean of each term, samples and images/s.
+    """Train one epoch; returns mean loss, mean of each term, samples and images/s. ``progress(batch,
+    loss)`` runs after every optimizer step.
 
     Raises :class:`NonFiniteLossError` naming the epoch and step on a NaN/Inf loss, before the
     optimizer applies it. Under DDP the decision is taken on the all-reduced gradients, so every
@@ -86,7 +94,7 @@ def train_epoch(model: nn.Module, batches: Iterable[TrainBatch], optimizer: torc
         for k, v in result.terms.items():
             sums[k] += v * n
         if progress is not None:
-            progress(n, loss.item())
+            progress(batch, loss.item())
     elapsed = time.perf_counter() - start
     out = {k: v / max(seen, 1) for k, v in sums.items()}
     out.update(samples=seen, steps=steps, seconds=elapsed, images_per_s=seen / elapsed if elapsed > 0 else math.nan)
@@ -128,7 +136,7 @@ def correct_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Ca
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.bool)
 
 
-def validation_metrics(model: nn.Module, ds: ArrayDataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
+def validation_metrics(model: nn.Module, ds: Dataset, cfg: Config, limit: int | None = None) -> dict[str, float]:
     """Validation accuracies on ``ds[:limit]`` under attack eps/step, k = run.eval_pgd_steps:
     natural, PGD-k (CE), CW-k (margin), and ``val_robust_acc``: the sample survives both.
 
@@ -153,16 +161,16 @@ EpochEnd = Callable[[int, dict, list], None]
 
 def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
                batches: Callable[[int], Iterator[TrainBatch]], *, device: torch.device, steps: int,
-               start_epoch: int = 0, history: list | None = None, val: ArrayDataset | None = None, rank: int = 0,
+               start_epoch: int = 0, history: list | None = None, val: Dataset | None = None, rank: int = 0,
                extra_metrics: dict | None = None, on_epoch_end: EpochEnd | None = None,
-               on_step: Callable[[int, int], None] | None = None, progress: bool = False) -> list[dict]:
+               on_step: Callable[[int, int, TrainBatch], None] | None = None, progress: bool = False) -> list[dict]:
     """Train epochs ``start_epoch .. optim.epochs - 1``; returns the history (one dict per epoch).
 
     ``batches(epoch)``: this rank's batches; ``steps``: how many per epoch (for the bar). Each epoch
     seeds torch from ``seed_for(run.seed, rank, epoch)`` first (attack random starts). Validation
     on ``val`` (rank 0 passes it, others None) every ``run.eval_every`` epochs and at the last.
-    ``on_epoch_end(epoch, metrics, history)`` persists or reports; ``on_step(epoch, step)`` runs
-    after every optimizer step (step counts from 1).
+    ``on_epoch_end(epoch, metrics, history)`` persists or reports; ``on_step(epoch, step, batch)``
+    runs after every optimizer step (step counts from 1).
     """
     history = list(history or [])
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -170,11 +178,11 @@ def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cf
         lr = optimizer.param_groups[0]["lr"]
         counter = [0]
         with progress_bar(steps, f"{cfg.loss.method} epoch {epoch + 1}/{cfg.optim.epochs}", enabled=progress) as bar:
-            def after_step(n: int, loss: float, _epoch: int = epoch) -> None:
+            def after_step(batch: TrainBatch, loss: float, _epoch: int = epoch) -> None:
                 counter[0] += 1
                 bar.update(1, loss=loss)
                 if on_step is not None:
-                    on_step(_epoch, counter[0])
+                    on_step(_epoch, counter[0], batch)
 
             stats = train_epoch(model, batches(epoch), optimizer, loss_cfg=cfg.loss, attack_cfg=cfg.attack,
                                 device=device, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, epoch=epoch,

@@ -39,10 +39,13 @@ class ExportError(ValueError):
     """The export does not compute what the model does (the message says by how much), or cannot be made."""
 
 
-def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path, int8: bool = False) -> Path:
+def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path, int8: bool = False,
+                 metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` (eval mode, on the CPU) as ``fmt`` to ``out``; ``example`` (N >= 2, C, H, W) in
     [0, 1] fixes the input's shape but for its batch dimension, which stays dynamic. ``int8``:
-    quantise the weights (``onnx`` only)."""
+    quantise the weights (``onnx`` only). ``metadata`` (text by name: class names, the input it
+    takes) goes into the file: ONNX metadata_props, a pt2 archive's or TorchScript file's extra
+    files (``<name>.txt``); :func:`read_metadata` reads it back."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown {fmt!r} (choose from {', '.join(FORMATS)})")
     if int8 and fmt != "onnx":
@@ -50,19 +53,37 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | P
     model, example = model.cpu().eval(), example[:2].cpu()
     batch = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
     buffer = io.BytesIO()
-    if fmt == "pt2":
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=(batch,)), buffer)  # needs a seekable file
+    extra = {f"{k}.txt": v for k, v in (metadata or {}).items()}
+    if fmt == "pt2":  # needs a seekable file
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=(batch,)), buffer, extra_files=extra)
     elif fmt == "torchscript":
         with warnings.catch_warnings():  # deprecated, and chosen knowingly by whoever asks for it
             warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(torch.jit.trace(model, example), buffer)
+            torch.jit.save(torch.jit.trace(model, example), buffer, _extra_files=extra)
     else:
-        buffer.write(_onnx_bytes(model, example, batch, int8))
+        buffer.write(_onnx_bytes(model, example, batch, int8, metadata or {}))
     atomic_write(out, lambda f: f.write(buffer.getvalue()))
     return Path(out)
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor, batch: dict, int8: bool) -> bytes:
+def read_metadata(path: str | Path, fmt: str) -> dict[str, str]:
+    """The metadata :func:`export_model` wrote into an exported file."""
+    if fmt == "onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    names = ("dard.classes", "dard.input", "dard.arch", "dard.dataset", "dard.model_sha256")
+    extra = {f"{n}.txt": "" for n in names}
+    if fmt == "pt2":
+        torch.export.load(str(path), extra_files=extra)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.load(str(path), _extra_files=extra)
+    return {k[:-len(".txt")]: v.decode() if isinstance(v, bytes) else v for k, v in extra.items() if v}
+
+
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, batch: dict, int8: bool, metadata: dict[str, str]) -> bytes:
     import importlib
 
     try:
@@ -80,7 +101,13 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, batch: dict, int8: bool
 
             quantize_dynamic(str(path), str(path.with_suffix(".int8.onnx")), weight_type=QuantType.QInt8)
             path = path.with_suffix(".int8.onnx")
-        return path.read_bytes()
+        if not metadata:
+            return path.read_bytes()
+        import onnx
+
+        graph = onnx.load(str(path))
+        onnx.helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, **metadata})
+        return graph.SerializeToString()
 
 
 def load_export(path: str | Path, fmt: str) -> nn.Module:

@@ -1,6 +1,8 @@
 """Training objectives: ``natural``, ``sat``, ``trades``, ``ard``, ``rslad``, ``dard``; one signature.
 
-Each is ``loss(student, batch, loss_cfg, attack_cfg) -> LossResult``. Inner maximisations run
+Each is ``loss(student, batch, loss_cfg, attack_cfg) -> LossResult``. Every hard-label term is
+:func:`hard_ce`: over the rows with a label (a pool row's is the teacher's argmax, or it is skipped:
+``batch.label_weight``). Inner maximisations run
 inside the loss (against the student, model in eval mode during the attack); everything that
 depends only on the teacher arrives precomputed in the :class:`TrainBatch` (from an online
 teacher or from the Arrow shards), so the same function serves both paths.
@@ -51,6 +53,15 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return temperature ** 2 * d
 
 
+def hard_ce(logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+    """``CE(logits, y)`` averaged over the rows that have a hard label: every row, or those whose
+    ``batch.label_weight`` is 1 (a pool row without a usable pseudo-label has 0). Zero when none has."""
+    if batch.label_weight is None:
+        return F.cross_entropy(logits, batch.y)
+    per_row = F.cross_entropy(logits, batch.y, reduction="none")
+    return (per_row * batch.label_weight).sum() / batch.label_weight.sum().clamp_min(1)
+
+
 def _require_teacher(batch: TrainBatch, method: str, *fields_: str) -> None:
     missing = [f for f in fields_ if getattr(batch, f) is None]
     if missing:
@@ -59,7 +70,7 @@ def _require_teacher(batch: TrainBatch, method: str, *fields_: str) -> None:
 
 def natural(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
     """Standard training: ``CE(S(x), y)`` (the non-robust reference)."""
-    loss = F.cross_entropy(student(batch.x), batch.y)
+    loss = hard_ce(student(batch.x), batch)
     return LossResult(loss, {"ce": loss.item()})
 
 
@@ -69,7 +80,7 @@ def sat(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
     Defaults as in Madry's CIFAR setting: eps 8/255, step 2/255, 10 steps.
     """
     x_adv = pgd(unwrap(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
-    loss = F.cross_entropy(student(x_adv), batch.y)
+    loss = hard_ce(student(x_adv), batch)
     return LossResult(loss, {"ce_adv": loss.item()})
 
 
@@ -82,7 +93,7 @@ def trades(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attac
     """
     x_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps)
     logits_nat = student(batch.x)
-    ce = F.cross_entropy(logits_nat, batch.y)
+    ce = hard_ce(logits_nat, batch)
     robust = F.kl_div(F.log_softmax(student(x_adv), 1), F.softmax(logits_nat, 1), reduction="batchmean")
     loss = ce + cfg.trades_beta * robust
     return LossResult(loss, {"ce": ce.item(), "kl_rob": (cfg.trades_beta * robust).item()})
@@ -103,7 +114,7 @@ def ard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackCo
     loss = cfg.ard_alpha * kd
     terms = {"kd_adv": (cfg.ard_alpha * kd).item()}
     if cfg.ard_alpha < 1:
-        ce = F.cross_entropy(student(batch.x), batch.y)
+        ce = hard_ce(student(batch.x), batch)
         loss = loss + (1 - cfg.ard_alpha) * ce
         terms["ce"] = ((1 - cfg.ard_alpha) * ce).item()
     return LossResult(loss, terms)
@@ -188,16 +199,16 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
                                      "teacher model (--teacher, or shards whose manifest names a readable teacher)")
                 rob = divergence(logits_adv, forward_logits(batch.online_teacher, x_student_adv), tau, kind)
             elif cfg.rob_target == "label":
-                rob = F.cross_entropy(logits_adv, batch.y)
+                rob = hard_ce(logits_adv, batch)
             else:
                 rob = divergence(logits_adv, batch.teacher_logits, tau, kind)
             add("kd_rob", cfg.w_rob * rob)
         if cfg.w_ce_adv > 0:
-            add("ce_adv", cfg.w_ce_adv * F.cross_entropy(logits_adv, batch.y))
+            add("ce_adv", cfg.w_ce_adv * hard_ce(logits_adv, batch))
     if cfg.w_nat > 0:
         add("kd_nat", cfg.w_nat * divergence(logits_nat, batch.teacher_logits, tau, kind))
     if cfg.w_ce > 0:
-        add("ce", cfg.w_ce * F.cross_entropy(logits_nat, batch.y))
+        add("ce", cfg.w_ce * hard_ce(logits_nat, batch))
     return LossResult(loss, terms)
 
 

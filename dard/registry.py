@@ -27,21 +27,12 @@ ALIAS = "champion"
 METRIC = "val_robust_acc"
 
 
-def load_reference(ref: str, tracking_uri: str | None = None):
-    """A model by reference: a dard model file path, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
-    in the registry at ``tracking_uri``. Returns (model in eval mode on the CPU, header)."""
-    if ref.startswith("models:/"):
-        return load_registered(ref, tracking_uri)
-    from dard.models import load_model
-
-    return load_model(ref)
-
-
 def load_registered(model_uri: str, tracking_uri: str | None = None):
-    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> (model in eval mode, dard-style header).
+    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> (model in eval mode, header).
 
-    The weights and architecture come from the version's dard model file (read weights-only);
-    the run config from the version's tags written at registration.
+    Everything comes from the version's dard model file (read weights-only, its sha256 and
+    architecture checked against the registration): the header is that file's, whole, with
+    ``run_id`` and ``registry`` (``NAME vN``) added. (:func:`dard.modelfile.load` wraps it.)
     """
     import mlflow
     spec = model_uri[len("models:/"):]
@@ -86,12 +77,10 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
         if version.tags.get("dard.arch") not in (None, file_header["arch"]):
             raise TrackingError(f"{model_uri}: its weights are a {file_header['arch']}, the registration says "
                                 f"{version.tags['dard.arch']}; not loading it")
-    config = (file_header.get("meta") or {}).get("config") or (
-        json.loads(version.tags[CONFIG_TAG]) if CONFIG_TAG in version.tags else None)
-    header = {**file_header, "format": "registry", "run_id": version.run_id,
-              "meta": {"config": config, "method": (config or {}).get("loss", {}).get("method"),
-                       "registry": f"{name} v{version.version}"}}
-    return model, header
+    meta = dict(file_header.get("meta") or {})
+    if not meta.get("config") and CONFIG_TAG in version.tags:  # registered by a dard before 0.2
+        meta["config"] = json.loads(version.tags[CONFIG_TAG])
+    return model, {**file_header, "meta": meta, "run_id": version.run_id, "registry": f"{name} v{version.version}"}
 
 
 @dataclass

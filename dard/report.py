@@ -115,6 +115,7 @@ td:first-child{{text-align:left}}</style></head><body>
 <p style="font-size:1.4em"><b>{headline}</b></p>
 <p>{e(str(m.get("arch", "")))} on {e(str(m.get("dataset", "")))} ({e(str(m.get("split", "")))} split);
 L-inf eps {s.get("eps", 0):.4g}, step {s.get("step_size", 0):.4g}, inputs in [0, 1]</p>
+{_model_facts(m)}
 <table><tr><th>attack</th><th>accuracy</th><th>samples</th></tr>{rows}</table>
 <h3>Sanity checks</h3><ul>{checks or "<li>not run</li>"}</ul>
 {f'<h3>AutoAttack ({e(str(aa.get("version", "")))}), robust accuracy after each attack</h3><table>{aa_rows}</table><ul>{aa_warn or "<li>its checks raised no warning</li>"}</ul>' if aa else ""}
@@ -124,6 +125,22 @@ L-inf eps {s.get("eps", 0):.4g}, step {s.get("step_size", 0):.4g}, inputs in [0,
 </body></html>"""
     Path(path).write_text(body)
     return Path(path)
+
+
+def _model_facts(meta: dict) -> str:
+    """The model's contract, when the report knows it: its input and its classes."""
+    import html
+
+    facts = []
+    spec = meta.get("input") or {}
+    if spec.get("shape"):
+        threat = spec.get("threat_model") or {}
+        facts.append(f"Input: float32 (N, {', '.join(map(str, spec['shape']))}) {html.escape(str(spec.get('channels', '')))}"
+                     f" pixels in [{spec['range'][0]:g}, {spec['range'][1]:g}]"
+                     + (f", trained for L-inf eps {threat['eps']:.4g}" if "eps" in threat else ""))
+    if meta.get("classes"):
+        facts.append("Classes (output order): " + ", ".join(html.escape(str(c)) for c in meta["classes"]))
+    return "".join(f"<p>{f}</p>" for f in facts)
 
 
 def plot_eps_curve(curve: list[tuple[float, float]], path: str | Path, title: str = "") -> Path:

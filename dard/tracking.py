@@ -238,20 +238,22 @@ def training_dataset(cfg):
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
-def run_note(header: dict) -> str:
-    """The headline of a model file (markdown): what it is, the epoch it holds, its validation numbers."""
-    from dard.config import from_dict
+def run_note(mf) -> str:
+    """The headline of a model file (markdown): what it is, the epoch it holds, its validation
+    numbers, its classes and the input it takes."""
     from dard.engine import validation_summary
     from dard.logs import percent
 
-    meta = header.get("meta") or {}
-    cfg = from_dict(meta["config"])
-    epoch, metrics = meta.get("selected_epoch"), meta.get("final_metrics") or {}
+    cfg = mf.config
+    epoch, metrics = mf.meta.get("selected_epoch"), mf.meta.get("final_metrics") or {}
     k = cfg.run.eval_pgd_steps
     numbers = (f"{validation_summary(cfg, metrics)}, PGD-{k}+CW-{k} {percent(metrics['val_robust_acc'])}"
                if "val_robust_acc" in metrics else "no validation metrics")
     held = f", the weights of epoch {epoch} (of 0-{cfg.optim.epochs - 1})" if epoch is not None else ""
-    return f"{cfg.loss.method} {header['arch']} on {cfg.data.dataset}{held}: {numbers}"
+    c, h, w = mf.input["shape"]
+    classes = ", ".join(mf.classes[:10]) + (f", ... ({len(mf.classes)} classes)" if len(mf.classes) > 10 else "")
+    return (f"{cfg.loss.method} {mf.arch} on {cfg.data.dataset}{held}: {numbers}. Input: float32 (N, {c}, {h}, {w}) "
+            f"{mf.input['channels']} pixels in [0, 1], trained for L-inf eps {cfg.attack.eps:.4g}. Classes: {classes}.")
 
 
 MODEL_ARTIFACT = "dard-model.pt"
@@ -294,10 +296,12 @@ def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_
     """Log the dard model file ``model_path`` into ``run_id`` the way every training path does.
 
     MLflow's PyTorch flavour, ``serialization_format="pt2"``: a ``torch.export`` program that
-    MLflow loads and serves with only torch installed (no dard), with a signature and an input
-    example from ``example_input`` (N >= 2, C, H, W) in [0, 1] (default: the first two validation
-    images of the run the file's config describes), at ``step=`` the epoch whose
-    weights the file holds (MLflow shows that step's metrics on the model page). Under
+    MLflow loads and serves with only torch installed (no dard), with a signature, an input
+    example (``example_input`` (N >= 2, C, H, W) in [0, 1]; default: two images of the input shape
+    the file records, seeded noise in [0, 1]: the format, not data), the model's class names and
+    input contract as MLflow model metadata (``dard.classes``, ``dard.input``: shape, [0, 1] range,
+    channels, the eps it was trained for), at ``step=`` the epoch whose weights the file holds
+    (MLflow shows that step's metrics on the model page). Under
     ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` MLflow refuses any record of the archive that is
     not plain data; dard itself loads only the weights-only dard file logged beside it
     (``extra_files/dard-model.pt``, sha256 in the run's ``dard.model_sha256`` tag). Sets the run's
@@ -310,36 +314,32 @@ def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_
     from mlflow.models import infer_signature
 
     from dard.files import read_bytes
-    from dard.models import file_sha256, load_model
+    from dard.modelfile import load
 
     store, _ = client(tracking_uri)
-    model, header = load_model(model_path)
-    meta = header.get("meta") or {}
-    step = meta.get("selected_epoch")
-    config = meta.get("config") or {}
+    mf = load(str(model_path))
+    step = mf.meta.get("selected_epoch")
     if example_input is None:
-        from dard.config import from_dict
-        from dard.data import load_splits, to_float
-
-        example_input = to_float(load_splits(from_dict(config).data).val.images[:2])
+        example_input = torch.rand(2, *mf.input["shape"], generator=torch.Generator().manual_seed(0))
     # two images: torch.export makes a size-1 batch dimension static
     x = np.ascontiguousarray(example_input[:2].cpu().numpy(), dtype=np.float32)
     with torch.no_grad():
-        y = model(torch.from_numpy(x)).numpy()
-    name = logged_model_name(header["dataset"], header["arch"], meta.get("method") or
-                             config.get("loss", {}).get("method", "model"))
+        y = mf.model(torch.from_numpy(x)).numpy()
+    name = logged_model_name(mf.dataset, mf.arch, mf.method or "model")
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         copy = Path(tmp) / MODEL_ARTIFACT
         copy.write_bytes(read_bytes(model_path))  # a path or a storage URI
         # Stated, not inferred: inference imports the model in a subprocess (seconds a model).
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        info = mlflow.pytorch.log_model(model, name=name, serialization_format="pt2", input_example=x,
+        info = mlflow.pytorch.log_model(mf.model, name=name, serialization_format="pt2", input_example=x,
                                         signature=infer_signature(x, y), pip_requirements=requirements,
-                                        extra_files=[str(copy)], **({"step": int(step)} if step is not None else {}))
-    store.set_tag(run_id, MODEL_SHA256_TAG, file_sha256(model_path))
+                                        extra_files=[str(copy)], metadata={"dard.classes": mf.classes,
+                                                                           "dard.input": mf.input},
+                                        **({"step": int(step)} if step is not None else {}))
+    store.set_tag(run_id, MODEL_SHA256_TAG, mf.sha256)
     store.set_tag(run_id, LOGGED_MODEL_TAG, info.model_id)
-    if config:
-        store.set_tag(run_id, "mlflow.note.content", run_note(header))
+    if mf.config is not None:
+        store.set_tag(run_id, "mlflow.note.content", run_note(mf))
     return info
 
 

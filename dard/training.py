@@ -23,11 +23,12 @@ from torch import nn
 from dard.checkpoint import (check_resumable, checkpoint_state, load_checkpoint, note_best, restore, save_checkpoint,
                              selected, selection_metric)
 from dard.config import Config, save_yaml, to_dict
-from dard.data import ArrayDataset, Splits, TrainBatch, iterate_batches, num_batches, load_splits
+from dard.data import Dataset, Splits, TrainBatch, iterate_batches, num_batches, load_splits
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs
 from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
 from dard.models import build_for, file_sha256, load_teacher_for, save_for
 from dard.seeding import epoch_generator, seed_everything
+from dard.shards import ShardSet, agreed, check_fingerprint, epoch_batches, rank_plan
 from dard.teacher import teacher_outputs
 
 log = logging.getLogger("dard")
@@ -56,17 +57,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def online_batches(ds: ArrayDataset, cfg: Config, epoch: int, teacher: nn.Module | None, device: torch.device,
+def online_batches(ds: Dataset, cfg: Config, epoch: int, teacher: nn.Module | None, device: torch.device,
                    batch_size: int | None = None) -> Iterator[TrainBatch]:
     """Training batches for one epoch from memory, teacher outputs computed on the fly."""
     gen = epoch_generator(cfg.run.seed, epoch)
     with_adv = needs_teacher_adv(cfg.loss)
-    for x, y, _ in iterate_batches(ds, batch_size or cfg.optim.batch_size, shuffle=True, augment=cfg.data,
-                                   generator=gen, drop_last=len(ds) > (batch_size or cfg.optim.batch_size)):
-        batch = TrainBatch(x, y)
+    for x, y, index in iterate_batches(ds, batch_size or cfg.optim.batch_size, shuffle=True, augment=cfg.data,
+                                       generator=gen, drop_last=len(ds) > (batch_size or cfg.optim.batch_size)):
+        batch = TrainBatch(x, y, index=index)
         if teacher is not None:
             out = teacher_outputs(teacher, x.to(device), y.to(device), cfg.attack, with_adv)
-            batch = TrainBatch(x, y, **out)
+            batch = TrainBatch(x, y, index=index, **out)
         yield batch
 
 
@@ -79,34 +80,41 @@ def with_online_teacher(source: Callable[[int], Iterator[TrainBatch]],
     return lambda epoch: (dataclasses.replace(b, online_teacher=teacher) for b in source(epoch))
 
 
-def open_shards(directory: str, cfg: Config, teacher_path: str | Path | None = None, check: str = "full",
-                splits: Splits | None = None):
-    """A :class:`ShardReader` checked against the run: dataset, classes, the pinned data and attack
-    fields, the teacher if given; with ``check="full"`` also every part's sha256 and every row
-    against the run's own training split and the manifest's fingerprint against its own fields
-    (:meth:`ShardReader.check_claims`), whatever the manifest says. ``splits``: the run's, if loaded."""
-    from dard.shards import ShardReader
-
-    reader = ShardReader(directory, check=check)
+def open_shards(directory: str | ShardSet, cfg: Config, teacher_path: str | Path | None = None,
+                splits: Splits | None = None) -> ShardSet:
+    """The shards a run trains from, checked once here and then passed down as they are: every
+    part's size and unit digests, the manifest against the run (dataset, classes, the pinned data
+    and attack fields, the teacher if given), the manifest's fingerprint against its own fields,
+    and for a preset every row against the run's own training split and pool (``splits``: the
+    run's, if loaded), whatever the manifest says. A :class:`ShardSet` given is taken as checked."""
+    if isinstance(directory, ShardSet):
+        return directory
+    shards = ShardSet.open(str(directory), full=True)
     raw = to_dict(cfg)
-    reader.check_compatible(dataset=cfg.data.dataset, num_classes=cfg.data.num_classes, eps=cfg.attack.eps,
-                            data=raw["data"], attack=raw["attack"],
-                            teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
-    if reader.manifest["split"] != "train":
-        raise ValueError(f"{directory}: holds the {reader.manifest['split']!r} split; training needs 'train' shards")
-    if check == "full":
-        reader.check_claims(splits or load_splits(cfg.data), "train", cfg.data.crop_padding)
-    return reader
+    shards.check_compatible(dataset=cfg.data.dataset, num_classes=cfg.data.num_classes, data=raw["data"],
+                            attack=raw["attack"], teacher_sha256=file_sha256(teacher_path) if teacher_path else None)
+    if shards.manifest["split"] != "train":
+        raise ValueError(f"{directory}: holds the {shards.manifest['split']!r} split; training needs 'train' shards")
+    if cfg.data.preset:
+        splits = splits or load_splits(cfg.data)
+        shards.check_rows(splits, "train", cfg.data.crop_padding)
+    check_fingerprint(shards.directory, shards.manifest)
+    return shards
 
 
-def shard_batches(reader, cfg: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
-    """``(epoch -> iterator of TrainBatch, steps per epoch)`` for this rank, from the shards."""
-    local = batch_size or cfg.optim.batch_size
+def shard_batches(shards: ShardSet, cfg: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+    """``(epoch -> iterator of TrainBatch, steps per epoch)`` for this rank, streamed from the shards
+    (:mod:`dard.shards.stream`); under DDP every rank agrees before each step that its read succeeded."""
+    plan = rank_plan(shards, rank=rank, world=world_size, seed=cfg.run.seed,
+                     batch_size=batch_size or cfg.optim.batch_size, pool_share=cfg.data.pool_share,
+                     window=cfg.data.shuffle_window, steps_per_epoch=cfg.optim.steps_per_epoch)
+    loss = cfg.loss
 
     def source(epoch: int) -> Iterator[TrainBatch]:
-        return (b.to_train_batch() for b in reader.batches(epoch, local, rank, world_size, seed=cfg.run.seed))
+        return (b.to_train_batch(loss.pseudo_labels, loss.pseudo_threshold)
+                for b in agreed(epoch_batches(plan, epoch)))
 
-    return source, reader.steps_per_epoch(local, world_size)
+    return source, plan.steps
 
 
 def load_run_teacher(path: str | Path, cfg: Config, teacher_arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -153,7 +161,7 @@ class Run:
     device: torch.device
     batches: Callable[[int], Iterator[TrainBatch]]
     steps: int
-    val: ArrayDataset | None
+    val: Dataset | None
     teacher: dict | None = None
     shards: dict | None = None
     start_epoch: int = 0
@@ -205,38 +213,39 @@ def save_selected(path: str | Path, state: dict, cfg: Config, extra_meta: dict |
             "final_metrics": next((h for h in history if h.get("epoch") == epoch), {}), "selected_epoch": epoch,
             "last_metrics": history[-1] if history else {}, "teacher": extra.get("teacher"),
             "shards": extra.get("shards"), **(extra_meta or {})}
-    return save_for(path, model, cfg.model, cfg.data, meta), meta
+    return save_for(path, model, cfg, meta), meta
 
 
 def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,
-            shards: str | Path | None = None, rank: int = 0, world_size: int = 1,
-            device: torch.device | None = None, check: str = "full") -> Run:
-    """Assemble a run from ``cfg`` for ``rank`` of ``world_size`` (DDP ranks read ``shards``).
+            shards: str | Path | ShardSet | None = None, rank: int = 0, world_size: int = 1,
+            device: torch.device | None = None) -> Run:
+    """Assemble a run from ``cfg`` for ``rank`` of ``world_size`` (DDP ranks stream ``shards``).
 
-    Teacher outputs come from ``shards`` when given (``check``: how much of them to verify, see
-    :class:`dard.shards.ShardReader`; a ``teacher_path`` must then be the shards' teacher), else
-    from the teacher at ``teacher_path`` run online (distillation methods need one). A loss that
-    queries the teacher itself (``rob_target='teacher_adv'``) loads it either way, checked by sha256
-    against the shards. ``optim.batch_size`` is global: each rank takes ``batch_size / world_size``.
-    Raises ValueError naming what is missing or inconsistent.
+    Teacher outputs come from ``shards`` when given (a directory, checked here, or a
+    :class:`ShardSet` a driver checked; a ``teacher_path`` must then be the shards' teacher), else
+    from the teacher at ``teacher_path`` run online (distillation methods need one; only labeled
+    samples are trained on). A loss that queries the teacher itself (``rob_target='teacher_adv'``)
+    loads it either way, checked by sha256 against the shards. ``optim.batch_size`` is global: each
+    rank takes ``batch_size / world_size``. Raises ValueError naming what is missing or inconsistent.
     """
     seed_everything(cfg.run.seed)  # the initial weights (DDP broadcasts rank 0's anyway)
     device = device or resolve_device(cfg.run.device)
-    model = place_model(build_for(cfg.model, cfg.data), device)
+    model = place_model(build_for(cfg.model, cfg.data), device, cfg.model.arch)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     if cfg.optim.batch_size % world_size:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world_size} workers")
     local = cfg.optim.batch_size // world_size
-    splits = load_splits(cfg.data) if shards is None or rank == 0 or check == "full" else None
+    splits = load_splits(cfg.data) if shards is None or rank == 0 else None
     if shards is not None:
-        reader = open_shards(shards, cfg, teacher_path, check=check, splits=splits)
-        source, steps = shard_batches(reader, cfg, rank, world_size, local)
+        checked = open_shards(shards, cfg, teacher_path, splits=splits)
+        source, steps = shard_batches(checked, cfg, rank, world_size, local)
         if steps == 0:
-            raise ValueError(f"{len(reader)} samples are too few for a global batch of {cfg.optim.batch_size}")
-        made_by = reader.manifest["teacher"]
+            raise ValueError(f"{checked.samples('labeled') + checked.samples('pool')} samples are too few for a global "
+                             f"batch of {cfg.optim.batch_size}")
+        made_by = checked.manifest["teacher"]
         teacher = {k: made_by.get(k) for k in ("arch", "sha256", "path")}
-        shard_info = {"directory": str(shards), "fingerprint": reader.manifest.get("fingerprint")}
+        shard_info = {"directory": checked.directory, "fingerprint": checked.manifest.get("fingerprint")}
         # Everything else the teacher contributes is in the shards; an online teacher is the shards'
         # own file unless teacher_path names one, and must be the file they were built from.
         online = online_teacher_for(cfg, teacher_path or made_by.get("path"), device,
@@ -244,6 +253,9 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
     else:
         if world_size > 1:
             raise ValueError("distributed training reads its batches from shards: pass shards=")
+        if cfg.optim.steps_per_epoch is not None or cfg.data.pool_share is not None:
+            raise ValueError("optim.steps_per_epoch and data.pool_share apply to training from shards (--shards); "
+                             "in memory an epoch is one pass over the labeled samples")
         loaded, teacher, shard_info = None, None, None
         if cfg.loss.method in NEEDS_TEACHER:
             if teacher_path is None:

@@ -100,14 +100,15 @@ def write_frames(path: str | Path, frames: np.ndarray, fps: float, comment: str 
     return path
 
 
-def frames_to_inputs(frames: np.ndarray, channels: int, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, channels, size, size) in [0, 1]: centre square crop, area resize."""
+def frames_to_inputs(frames: np.ndarray, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, channels, h, w) in [0, 1] (``size``: (h, w), or one side of a
+    square): centre square crop, area resize."""
     x = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 255
     h, w = x.shape[2:]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     x = x[:, :, top:top + side, left:left + side]
-    x = F.interpolate(x, size=(size, size), mode="area")
+    x = F.interpolate(x, size=(size, size) if isinstance(size, int) else tuple(size), mode="area")
     if channels == 1:
         x = x.mean(1, keepdim=True)
     return x.clamp(0, 1)
@@ -161,6 +162,7 @@ class VideoResult:
     adversarial_accuracy: float | None
     video: Path
     csv: Path
+    eps: float  # the attack's radius (the model's training eps unless given)
 
 
 def annotate(natural: np.ndarray, adversarial: np.ndarray, texts: tuple[str, str], flipped: bool,
@@ -180,23 +182,30 @@ def annotate(natural: np.ndarray, adversarial: np.ndarray, texts: tuple[str, str
     return np.asarray(canvas)
 
 
-def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, attack: str, out: str | Path,
-              eps: float, step_size: float, labels_path: str | Path | None = None, batch_size: int = 64,
+def run_video(input_path: str | Path, model_file, *, attack: str, out: str | Path, eps: float | None = None,
+              step_size: float | None = None, labels_path: str | Path | None = None, batch_size: int = 64,
               seed: int = 0) -> VideoResult:
-    """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV."""
+    """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV.
+    ``model_file``: a :class:`dard.modelfile.ModelFile`; its input (channels, size) and, unless
+    given, the eps and step it was trained for say how frames become inputs and how hard to attack."""
     from dard.attacks.registry import ATTACKS, AttackParams
-    from dard.config import DATASETS, DataConfig
 
     if attack not in ATTACKS:
         raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    threat = model_file.input.get("threat_model") or {}
+    eps = threat.get("eps") if eps is None else eps
+    step_size = threat.get("step_size") if step_size is None else step_size
+    if eps is None or step_size is None:
+        raise VideoError(f"{model_file.where}: records no training eps; pass --eps and --step-size")
     if not (0 <= eps <= 1 and step_size > 0):
         raise VideoError(f"--eps must be in [0, 1] and --step-size > 0 (pixels in [0, 1]), got {eps} and {step_size}")
-    dataset = header.get("dataset")
-    channels, size, _ = DataConfig(dataset=dataset).image_shape if dataset in DATASETS else (header["in_channels"], 32, 32)
-    if header.get("in_channels") not in (None, channels):
-        raise VideoError(f"model expects {header['in_channels']} input channels but dataset {dataset} has {channels}")
+    model, header, dataset = model_file.model, model_file.header, model_file.dataset
+    shape = model_file.input.get("shape")
+    if shape is None:
+        raise VideoError(f"{model_file.where}: records no input shape (a model saved outside a training run)")
+    channels, size = shape[0], (shape[1], shape[2])
     # decoded already cropped and scaled to 4x the model's input: the last area step is frames_to_inputs'
-    frames, fps, comment = read_frames(input_path, side=4 * size)
+    frames, fps, comment = read_frames(input_path, side=4 * max(size))
     if comment.startswith(SAMPLE_TAG) and dataset and comment[len(SAMPLE_TAG):] != dataset:
         raise VideoError(f"{input_path}: a sample clip made for {comment[len(SAMPLE_TAG):]!r}, but the model was "
                          f"trained on {dataset!r}; make a sample for the model's dataset")
@@ -242,7 +251,7 @@ def run_video(input_path: str | Path, model: torch.nn.Module, header: dict, *, a
     if labels is not None:
         nat_acc = (pred == labels).float().mean().item()
         adv_acc = (pred_adv == labels).float().mean().item()
-    result = VideoResult(len(x), flipped.float().mean().item(), nat_acc, adv_acc, out, csv_path)
+    result = VideoResult(len(x), flipped.float().mean().item(), nat_acc, adv_acc, out, csv_path, eps)
     out.with_suffix(".json").write_text(json.dumps({**result.__dict__, "video": str(out), "csv": str(csv_path),
                                                     "attack": attack, "eps": eps}, indent=2))
     return result

@@ -13,6 +13,22 @@ os.environ.setdefault("DARD_CACHE", __import__("tempfile").mkdtemp(prefix="dard-
 # Trainings log to MLflow by default: one store per test session, never ./mlflow.db nor the user's server.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{__import__('tempfile').mkdtemp(prefix='dard-mlflow-')}/mlflow.db"
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A fake S3 (moto's server on loopback, started by the ``bucket`` fixture) for the storage-URI tests
+# and for shards streamed to Ray workers. Its address is set before any Ray starts, so every worker
+# reaches it through AWS_ENDPOINT_URL; forced, so a test never reaches a real object store.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "test",
+                   "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+
 import pytest
 import torch
 
@@ -48,6 +64,69 @@ def trained_models(tmp_path_factory):
         cfg = digits_config(tmp, model={"arch": arch}, loss={"method": method}, optim={"epochs": epochs})
         out[name] = fit(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def bucket():
+    """``s3://dard`` on the fake S3, reached through pyarrow and boto3 as a real bucket would be."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="dard")
+    yield "s3://dard"
+    server.stop()
+
+
+def write_png_folder(root, images, labels, names=None, fmt="PNG"):
+    """``images`` uint8 (N, C, H, W) as one file per image, ``<root>/<class>/<index>.png`` (the
+    index zero-padded: listed by name, the files keep this order)."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    files = {}
+    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist())):
+        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        files[f"{names[label] if names else label}/{i:05d}.{fmt.lower()}"] = buffer.getvalue()
+    if root is not None:
+        for rel, data in files.items():
+            (Path(root) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(root) / rel).write_bytes(data)
+    return files
+
+
+@pytest.fixture(scope="session")
+def digits_png(tmp_path_factory):
+    """scikit-learn's 1797 digits as a folder of PNG files, one sub-folder per class, in the order
+    of the digits preset: the same images through the folder source."""
+    from dard.data.presets import _digits
+
+    full = _digits(Config.for_dataset("digits").data)
+    root = tmp_path_factory.mktemp("digits-png") / "digits-png"
+    write_png_folder(root, full.images, full.labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def s3_digits(bucket):
+    """The first 400 digits as a PNG folder on the fake S3: ``folder:s3://dard/digits-png``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from dard.data.presets import _digits
+
+    full = _digits(Config.for_dataset("digits").data)
+    files = write_png_folder(None, full.images[:400], full.labels[:400])
+    s3 = boto3.client("s3")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: s3.put_object(Bucket="dard", Key=f"digits-png/{kv[0]}", Body=kv[1]), files.items()))
+    return f"folder:{bucket}/digits-png"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import digits_config
 from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
@@ -15,20 +14,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ray_shards(ray_session, trained_models, tmp_path_factory):
-    """Shards built by Ray tasks (2 parts)."""
+def ray_shards(bucket, s3_digits, ray_session, trained_models, tmp_path_factory):
+    """Shards built by Ray tasks from a folder of PNGs on the fake S3, written to the bucket: 3 parts
+    (not a multiple of 2 workers), the last one shorter (100, 100, 56 samples), which the workers
+    stream from the bucket."""
     from cluster.precompute import precompute
 
     tmp = tmp_path_factory.mktemp("ray-shards")
-    cfg = digits_config(tmp, data={"limit_train": 256}, attack={"steps": 2})
-    result = precompute(cfg, trained_models["teacher"]["model_path"], str(tmp / "s"), views=2, rows_per_part=128)
-    assert result.computed_parts == [0, 1] and result.manifest["rows"] == 512
-    return str(tmp / "s")
+    cfg = small_train_cfg(tmp, s3_digits)
+    result = precompute(cfg, trained_models["teacher"]["model_path"], f"{bucket}/ray-shards", views=2,
+                        rows_per_part=100)
+    assert result.computed_parts == [0, 1, 2] and result.manifest["rows"] == 512
+    assert [p["samples"] for p in result.manifest["parts"]] == [100, 100, 56]
+    return f"{bucket}/ray-shards"
 
 
-def small_train_cfg(tmp_path, epochs=3):
-    return digits_config(tmp_path, data={"limit_train": 256}, attack={"steps": 2}, optim={"epochs": epochs},
-                         run={"eval_limit": 60})
+def small_train_cfg(tmp_path, source, epochs=3):
+    """256 digits of the S3 folder (400 images: test and validation carved from them by seed)."""
+    from dard.data import source_config
+
+    return source_config("digits-png", data={"source": source, "limit_train": 256}, attack={"steps": 2},
+                         optim={"epochs": epochs, "batch_size": 64, "lr": 0.4},
+                         run={"eval_limit": 60, "out_dir": str(tmp_path), "progress": False})
 
 
 def _loopback(ip: str) -> bool:
@@ -71,11 +78,11 @@ class ListeningSockets:
         self._thread.join()
 
 
-def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, tmp_path):
+def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, s3_digits, tmp_path):
     from cluster.train import train_distributed
 
     register()
-    cfg = small_train_cfg(tmp_path)
+    cfg = small_train_cfg(tmp_path, s3_digits)
     logs = tmp_path / "weights"
     logs.mkdir()
     with ListeningSockets() as sockets:
@@ -104,25 +111,61 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     epochs = [r["epoch"] for r in rank0]
     assert epochs.count(0) == 4 and epochs.count(2) == 4  # epoch 0 not redone after the restart
     assert epochs.count(1) == 2 + 4  # killed halfway through epoch 1 (step 2 of 4), then redone whole
+    # each epoch: the ranks streamed disjoint rows, the same steps each, the epoch's own rows; the
+    # epoch redone after the restart read exactly the rows it had started with
+    from dard.shards import ShardSet, epoch_batches, rank_plan
+
+    shards = ShardSet.open(ray_shards)
+    for epoch in (0, 1, 2):
+        done = [[r["rows"] for r in log if r["epoch"] == epoch][-4:] for log in (rank0, rank1)]
+        planned = [[b.index.tolist() for b in epoch_batches(rank_plan(
+            shards, rank=r, world=2, seed=0, batch_size=32, pool_share=None, window=4), epoch)] for r in (0, 1)]
+        assert done == planned
+        every = [i for rank in done for step in rank for i in step]
+        assert len(every) == len(set(every)) == 256  # 3 uneven parts, 2 ranks: every sample once
+    first_try = [r["rows"] for r in rank0 if r["epoch"] == 1][:2]
+    assert first_try == [r["rows"] for r in rank0 if r["epoch"] == 1][2:4]
     # The same Ray run (storage, name) started again under another config is refused by the
     # worker's resume (the rule `fit` applies), not silently continued; and at once: every rank
     # reports the error, so Ray Train does not restart the group to fail the same way again.
-    other = small_train_cfg(tmp_path).updated(optim={"lr": 0.05})
+    other = small_train_cfg(tmp_path, s3_digits).updated(optim={"lr": 0.05})
     with pytest.raises(RuntimeError, match=r"^distributed training failed: .*optim\.lr: 0\.4 in the checkpoint"):
         train_distributed(other, ray_shards, workers=2, name="ddp-fault", max_failures=2)
     # a loss that turns NaN under DDP stops every rank at the same step, decided on the reduced gradients
-    diverging = small_train_cfg(tmp_path / "nan").updated(optim={"lr": 1e30})
+    diverging = small_train_cfg(tmp_path / "nan", s3_digits).updated(optim={"lr": 1e30})
     with pytest.raises(RuntimeError, match="non-finite loss"):
         train_distributed(diverging, ray_shards, workers=2, name="nan", max_failures=2)
 
 
-def test_wrong_shards_fail_before_workers_start(ray_shards, tmp_path):
+def test_wrong_shards_fail_before_workers_start(ray_shards, s3_digits, tmp_path):
     from cluster.train import train_distributed
     from dard.shards import ShardError
 
-    cfg = small_train_cfg(tmp_path).updated(attack={"eps": 0.1, "step_size": 0.05})
-    with pytest.raises(ShardError, match="attack eps"):
+    cfg = small_train_cfg(tmp_path, s3_digits).updated(attack={"eps": 0.2, "step_size": 0.05})
+    with pytest.raises(ShardError, match="attack.eps"):
         train_distributed(cfg, ray_shards, workers=2)
+
+
+def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3_digits, tmp_path):
+    """Checked by the driver, then altered before the workers read it: the rank that meets it says
+    which unit, every rank stops at the same step, and nothing is written as if an epoch finished."""
+    import pyarrow.fs as pafs
+
+    from cluster.train import train_distributed
+    from dard.files import read_bytes, write_bytes
+    from dard.shards import ShardSet
+
+    copy = f"{ray_shards}-altered"
+    fs, base = pafs.FileSystem.from_uri(ray_shards)
+    pafs.copy_files(base, copy.split("://", 1)[1], source_filesystem=fs, destination_filesystem=fs)
+    shards = ShardSet.open(copy)
+    data = bytearray(read_bytes(f"{copy}/part-00001.arrow"))
+    data[len(data) // 3] ^= 0xFF
+    write_bytes(f"{copy}/part-00001.arrow", bytes(data))
+    cfg = small_train_cfg(tmp_path, s3_digits)
+    with pytest.raises(RuntimeError, match=r"part-00001.arrow \(record batch .\): its content differs"):
+        train_distributed(cfg, shards, workers=2, name="altered", max_failures=2, out=str(tmp_path / "s.pt"))
+    assert not list((tmp_path / "ray" / "altered").glob("checkpoint_*")) and not (tmp_path / "s.pt").exists()
 
 
 def _signal_when(argv, sig, ready, *, group=False, timeout=240):
@@ -146,7 +189,7 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=240):
     return proc.returncode, out, err
 
 
-def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, trained_models, tmp_path):
+def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path):
     """SIGTERM to `dard train`: exit 143, the MLflow run KILLED, the Ray run's checkpoint kept for a
     rerun. Ctrl-C (SIGINT to the process group) during `dard precompute` on Ray: exit 130, finished
     parts kept, and the rerun completes the rest."""
@@ -157,7 +200,8 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, trained_models,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "run" / "ray" / "sig"
     code, out, err = _signal_when(
-        ["train", "--shards", ray_shards, "--limit-train", "256", "--steps", "2", "--epochs", "50", "--workers", "1",
+        ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2", "--epochs", "50",
+         "--workers", "1",
          "--name", "sig", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri,
          "--set", "run.eval_limit=30"], signals.SIGTERM, lambda: any(storage.glob("checkpoint_*")))
     assert code == 143, err[-2000:]

@@ -15,13 +15,15 @@ from dard.cli import main
 pytestmark = pytest.mark.ray
 
 
-def test_demo_quick_end_to_end(ray_session, tmp_path, capsys):
-    """The first run as a user starts it (its own process and Ray, no RAY_AUTH_MODE set): a console
-    of stage and epoch lines and progress bars, no warning or error line; the re-run in-process."""
+def test_demo_quick_end_to_end_on_a_folder_of_images(ray_session, digits_png, tmp_path, capsys):
+    """The first run as a user starts it (its own process and Ray, no RAY_AUTH_MODE set), on a
+    folder of PNGs the test made: a console of stage and epoch lines and progress bars, no warning
+    or error line; the re-run in-process."""
     out, uri = tmp_path / "demo", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    run = subprocess.run([sys.executable, "-m", "dard.cli", "demo", "--quick", "--out", str(out), "--tracking-uri", uri],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    source = ["--source", f"folder:{digits_png}"]
+    run = subprocess.run([sys.executable, "-m", "dard.cli", "demo", "--quick", *source, "--out", str(out),
+                          "--tracking-uri", uri], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     printed = run.stdout
     # tqdm's bars and redraws, cut out of the lines: a library line can follow a bar on the same line
@@ -42,13 +44,13 @@ def test_demo_quick_end_to_end(ray_session, tmp_path, capsys):
     assert (out / "dard" / "model.pt").exists() and (out / "sat" / "model.pt").exists()
     assert "autoattack" in table and "not run on teacher" in table  # the students' headline, not the teacher's
     assert (out / "dard.log").exists()
-    (cached,) = teacher_cache_dir().glob("digits-cnn_medium-*/model.pt")
+    (cached,) = teacher_cache_dir().glob("digits-png-cnn_medium-*/model.pt")
     assert (out / "shards" / "manifest.json").exists()
-    assert "dard-digits-cnn_small" in printed
+    assert "dard-digits-png-cnn_small" in printed
     # MLflow's artifacts beside its database, not in the working directory
     assert list((tmp_path / "mlruns").rglob("robustness/dard.json"))
     # a re-run reuses teacher, shards and students
-    assert main(["demo", "--quick", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert main(["demo", "--quick", *source, "--out", str(out), "--tracking-uri", uri]) == 0
     printed_again = capsys.readouterr().out
     assert printed.count("reused") == 0 and printed_again.count("reused") == 5
     assert "reused the reports of teacher, DARD, SAT" in printed_again  # same model files, same settings

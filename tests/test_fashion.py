@@ -1,46 +1,73 @@
-"""Fashion-MNIST through the same commands as digits, on a slice of the real files (Debian's
-dataset-fashion-mnist, which .ci/run installs): a teacher, shards from Ray tasks, 2-worker DDP
-on Ray Train, a sweep that registers its best student, and the attack suite."""
+"""Your own images through every command: a folder of real Fashion-MNIST PNGs (Debian's
+dataset-fashion-mnist, which .ci/run installs, written as ``train/`` and ``test/`` folders with a
+sub-folder per class): a teacher, shards from Ray tasks, 2-worker DDP on Ray Train, a registered
+student, a sweep that registers its best, the attack suite and an ONNX export that names the classes."""
 import json
 from pathlib import Path
 
 import pytest
 
 from dard.cli import main
+from dard.config import FASHION_CLASSES, Config
+from tests.conftest import write_png_folder
 
 pytestmark = pytest.mark.ray
-SLICE = ["--dataset", "fashion-mnist", "--limit-train", "256", "--steps", "2", "--no-progress",
-         "--set", "run.eval_limit=64"]
+NAMES = [c.replace("/", "-") for c in FASHION_CLASSES]  # a folder name cannot hold "/"
 
 
-def test_fashion_mnist_teacher_shards_ddp_sweep_evaluate(ray_session, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fashion_folder(tmp_path_factory):
+    """600 training and 200 test images of the real files as PNGs, a sub-folder per class name."""
+    from dard.data.presets import _fashion_mnist
+
+    train, test = _fashion_mnist(Config.for_dataset("fashion-mnist").data)
+    root = tmp_path_factory.mktemp("fmnist") / "fashion-png"
+    write_png_folder(root / "train", train.images[:600], train.labels[:600], names=NAMES)
+    write_png_folder(root / "test", test.images[:200], test.labels[:200], names=NAMES)
+    return root
+
+
+def test_a_folder_of_your_images_through_every_command(fashion_folder, ray_session, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
+
+    from dard.export import read_metadata
 
     teacher, shards, student = tmp_path / "teacher.pt", tmp_path / "shards", tmp_path / "student.pt"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["train-teacher", *SLICE, "--arch", "cnn_small", "--method", "sat", "--epochs", "1",
+    slice_ = ["--source", f"folder:{fashion_folder}", "--limit-train", "256", "--steps", "2", "--no-progress",
+              "--set", "run.eval_limit=64"]
+    assert main(["config", "--source", f"folder:{fashion_folder}"]) == 0
+    printed = capsys.readouterr().out
+    assert "dataset: fashion-png" in printed and "source: folder:" + str(fashion_folder / "train") in printed
+    assert "eps: 0.1" in printed and "crop_padding: 4" in printed  # the rule for 28x28 grey images
+    assert main(["train-teacher", *slice_, "--arch", "cnn_small", "--method", "sat", "--epochs", "1",
                  "--out", str(teacher)]) == 0
-    assert main(["precompute", *SLICE, "--teacher", str(teacher), "--out", str(shards), "--views", "1",
-                 "--rows-per-part", "128"]) == 0
+    assert main(["precompute", *slice_, "--teacher", str(teacher), "--out", str(shards), "--views", "1",
+                 "--rows-per-part", "100"]) == 0
     manifest = json.loads((shards / "manifest.json").read_text())
-    assert manifest["dataset"] == "fashion-mnist" and manifest["image_shape"] == [1, 28, 28]
-    assert manifest["rows"] == 256 and len(manifest["parts"]) == 2 and manifest["attack"]["eps"] == pytest.approx(0.1)
+    assert manifest["dataset"] == "fashion-png" and manifest["image_shape"] == [1, 28, 28]
+    assert manifest["classes"] == sorted(NAMES) and manifest["samples"] == {"labeled": 256, "pool": 0}
+    assert manifest["rows"] == 256 and len(manifest["parts"]) == 3 and manifest["attack"]["eps"] == pytest.approx(0.1)
 
-    assert main(["train", *SLICE, "--shards", str(shards), "--workers", "2", "--epochs", "1", "--out", str(student),
+    assert main(["train", *slice_, "--shards", str(shards), "--workers", "2", "--epochs", "1", "--out", str(student),
                  "--tracking-uri", uri, "--run-dir", str(tmp_path / "ray")]) == 0
     out = capsys.readouterr().out
-    assert "on fashion-mnist" in out and student.exists()
+    assert "on fashion-png" in out and student.exists()
     train_run = out.split("MLflow run ")[-1].split()[0]  # a `dard train` run promotes like any other
     assert main(["registry", "promote", "--run-id", train_run, "--tracking-uri", uri]) == 0
-    assert "registered dard-fashion-mnist-cnn_small v1" in capsys.readouterr().out
+    assert "registered dard-fashion-png-cnn_small v1" in capsys.readouterr().out
 
-    assert main(["sweep", *SLICE, "--shards", str(shards), "--trials", "1", "--epochs", "1", "--name", "fmnist",
+    assert main(["sweep", *slice_, "--shards", str(shards), "--trials", "1", "--epochs", "1", "--name", "fpng",
                  "--tracking-uri", uri, "--run-dir", str(tmp_path / "sweep")]) == 0
-    versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'dard-fashion-mnist-cnn_small'")
+    versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'dard-fashion-png-cnn_small'")
     assert len(versions) == 2  # the `dard train` run's and the sweep's best
 
-    assert main(["evaluate", "--model", str(student), "--attacks", "natural,pgd20", "--limit", "100", "--no-checks",
-                 "--no-progress", "--out-dir", str(tmp_path / "eval")]) == 0
+    champion = "models:/dard-fashion-png-cnn_small@champion"
+    assert main(["evaluate", "--model", champion, "--tracking-uri", uri, "--attacks", "natural,pgd20", "--limit",
+                 "100", "--no-checks", "--no-progress", "--out-dir", str(tmp_path / "eval")]) == 0
     report = json.loads(next(Path(tmp_path / "eval").glob("*.json")).read_text())
     assert report["samples"]["natural"] == 100 and 0 <= report["accuracy"]["pgd20"] <= report["accuracy"]["natural"]
-    assert report["meta"]["dataset"] == "fashion-mnist"
+    assert report["meta"]["dataset"] == "fashion-png" and report["meta"]["classes"] == sorted(NAMES)
+    assert main(["export", "--model", champion, "--tracking-uri", uri, "--format", "onnx", "--limit", "50",
+                 "--aa-limit", "5", "--out", str(tmp_path / "student.onnx")]) == 0
+    assert json.loads(read_metadata(tmp_path / "student.onnx", "onnx")["dard.classes"]) == sorted(NAMES)

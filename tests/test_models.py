@@ -28,7 +28,7 @@ def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path
         cfg = Config.for_dataset("digits", model={"kwargs": {"width": width}})
         model = build_for(cfg.model, cfg.data)
         sizes[width] = count_parameters(model)
-        path = save_for(tmp_path / f"w{width}.pt", model, cfg.model, cfg.data)
+        path = save_for(tmp_path / f"w{width}.pt", model, cfg)
         loaded, header = load_model(path)
         assert count_parameters(loaded) == sizes[width]
         assert header["arch_kwargs"] == ({} if width == 1.0 else {"width": width})  # width-1 files unchanged

@@ -1,15 +1,18 @@
-"""Shard format: round trip, bounds, rank splits, teacher fidelity, faults, resumable precompute."""
+"""Shard format: round trip, bounds, per-rank streams, teacher fidelity, faults, resumable precompute, pools."""
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from cluster.precompute import precompute
-from dard.data import load_splits
-from dard.shards import ShardError, ShardReader, read_manifest, verify
+from dard.data import AugmentParams, apply_augment, load_splits
+from dard.shards import ShardError, ShardSet, epoch_batches, rank_plan, read_manifest, verify
+from dard.shards.shardset import _pixels, open_reader
 from tests.conftest import digits_config, load
 
 EPS = 0.2
@@ -20,8 +23,8 @@ def teacher_path(trained_models):
     return trained_models["teacher"]["model_path"]
 
 
-def small_cfg(tmp_path, n=150):
-    return digits_config(tmp_path, data={"limit_train": n}, attack={"steps": 2})
+def small_cfg(tmp_path, n=150, **data):
+    return digits_config(tmp_path, data={"limit_train": n, **data}, attack={"steps": 2})
 
 
 @pytest.fixture(scope="module")
@@ -32,57 +35,92 @@ def shard_dir(teacher_path, tmp_path_factory):
     return tmp / "s"
 
 
+def view_rows(shards: ShardSet, view: int, kinds=("labeled",)) -> dict:
+    """Every row of ``view`` (parts in manifest order), as Arrow columns."""
+    batches = []
+    for unit in shards.units(kinds, view):
+        _, reader = open_reader(shards.path(unit.part))
+        batches.append(shards.read_unit(unit, reader))
+    table = pa.Table.from_batches(batches)
+    return {name: table.column(name).combine_chunks() for name in table.schema.names}
+
+
 def test_round_trip_bounds_and_manifest(shard_dir, tmp_path):
-    reader = ShardReader(str(shard_dir))
-    m = reader.manifest
+    shards = ShardSet.open(str(shard_dir))
+    m = shards.manifest
     assert m["views"] == 2 and m["rows"] == 300 and len(m["parts"]) == 3 and len(m["teacher"]["sha256"]) == 64
     assert m["attack"]["eps"] == EPS and m["dataset"] == "digits" and m["image_shape"] == [1, 8, 8]
+    assert m["samples"] == {"labeled": 150, "pool": 0} and m["classes"] == [str(d) for d in range(10)]
+    # parts are a seeded permutation of the split, not ranges; units hold one view each, <= 1024 rows
+    assert sorted(p["samples"] for p in m["parts"]) == [22, 64, 64]
+    assert all(len({u["view"] for u in p["units"]}) == 2 for p in m["parts"])
     splits = load_splits(small_cfg(tmp_path).data)
     for view in (0, 1):
-        batch = reader.take(reader.rows_by_view[view])
-        assert torch.equal(batch.index, torch.arange(150)) and torch.equal(batch.label, splits.train.labels[:150])
-        total = batch.x.to(torch.int16) + batch.delta.to(torch.int16)
+        cols = view_rows(shards, view)
+        index = torch.from_numpy(cols["index"].to_numpy().copy())
+        assert sorted(index.tolist()) == list(range(150)) and index.tolist() != list(range(150))
+        labels = torch.from_numpy(cols["label"].to_numpy().astype(np.int64))
+        assert torch.equal(labels, splits.train.labels[index]) and (cols["label_source"].to_numpy() == 0).all()
+        x = _pixels(cols["x"], (1, 8, 8), np.uint8)
+        delta = _pixels(cols["delta"], (1, 8, 8), np.int8)
+        total = x.to(torch.int16) + delta.to(torch.int16)
         assert total.min() >= 0 and total.max() <= 255
-        assert batch.delta.abs().max() <= int(EPS * 255) and batch.delta.abs().max() > 0
+        assert delta.abs().max() <= int(EPS * 255) and delta.abs().max() > 0
         # the stored natural view is the crop/flip of the real image described by the stored params
-        from dard.data import AugmentParams, apply_augment
-
-        table = reader.table.take(reader.rows_by_view[view])
-        params = AugmentParams(torch.from_numpy(table.column("crop_dx").to_numpy().astype(np.int64)),
-                               torch.from_numpy(table.column("crop_dy").to_numpy().astype(np.int64)),
-                               torch.from_numpy(table.column("flip").to_numpy(zero_copy_only=False)))
-        assert torch.equal(batch.x, apply_augment(splits.train.images[:150], params, 1))
+        params = AugmentParams(torch.from_numpy(cols["crop_dx"].to_numpy().astype(np.int64)),
+                               torch.from_numpy(cols["crop_dy"].to_numpy().astype(np.int64)),
+                               torch.from_numpy(cols["flip"].to_numpy(zero_copy_only=False)))
+        assert torch.equal(x, apply_augment(splits.train.images[index], params, 0))
+        confidence = cols["confidence"].to_numpy()
+        assert ((confidence > 0.1) & (confidence <= 1)).all()
 
 
 def test_teacher_logits_match_a_fresh_forward(shard_dir, teacher_path):
     teacher = load(teacher_path)
-    reader = ShardReader(str(shard_dir))
-    b = reader.take(reader.rows_by_view[1][:100]).to_train_batch()
+    shards = ShardSet.open(str(shard_dir))
+    plan = rank_plan(shards, rank=0, world=1, seed=0, batch_size=100, pool_share=None, window=4)
+    b = next(epoch_batches(plan, 1)).to_train_batch()
     with torch.no_grad():
         nat, adv = teacher(b.x), teacher(b.x_teacher_adv)
     assert torch.allclose(b.teacher_logits, nat, atol=2e-2, rtol=2e-3)
     assert torch.allclose(b.teacher_logits_adv, adv, atol=2e-2, rtol=2e-3)
     # the DPGD views really attack the teacher
     assert (adv.argmax(1) == b.y).float().mean() < (nat.argmax(1) == b.y).float().mean()
+    assert b.label_weight is None  # every row has its true label
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_are_disjoint_and_cover_the_dataset(shard_dir, world):
-    reader = ShardReader(str(shard_dir), check="none")
-    for epoch in (0, 1):
-        parts = [reader.rank_rows(epoch, r, world, seed=5) for r in range(world)]
-        samples = [set(reader.table.column("index").to_numpy()[p]) for p in parts]
-        assert sum(len(s) for s in samples) == 150 and set().union(*samples) == set(range(150))
-        views = set(reader.table.column("view").to_numpy()[np.concatenate(parts)])
-        assert views == {epoch % 2}
-        steps = [sum(1 for _ in reader.batches(epoch, 16, r, world, seed=5)) for r in range(world)]
-        assert len(set(steps)) == 1 and steps[0] == reader.steps_per_epoch(16, world)
-    assert not np.array_equal(reader.rank_rows(0, 0, 2, 5), reader.rank_rows(2, 0, 2, 5))  # reshuffled per epoch
+def test_ranks_stream_disjoint_rows_in_equal_steps(shard_dir, world):
+    """3 parts (not a multiple of 2), the last one shorter: every rank the same steps, disjoint
+    rows, each pass reading one view; the order changes from epoch to epoch."""
+    shards = ShardSet.open(str(shard_dir))
+    orders = {}
+    for epoch in (0, 1, 2):
+        seen, steps = [], []
+        for rank in range(world):
+            plan = rank_plan(shards, rank=rank, world=world, seed=5, batch_size=16, pool_share=None, window=1)
+            batches = list(epoch_batches(plan, epoch))
+            steps.append(len(batches))
+            assert all(len(b.index) == 16 and set(b.view.tolist()) == {epoch % 2} for b in batches)
+            seen.append(torch.cat([b.index for b in batches]))
+        every = torch.cat(seen)
+        assert len(set(steps)) == 1 and steps[0] == (150 // world) // 16
+        assert len(set(every.tolist())) == len(every)  # disjoint across ranks
+        orders[epoch] = seen[0].tolist()
+    assert orders[0] != orders[2]  # reshuffled per epoch (same view)
+
+
+def test_steps_per_epoch_cycles_passes_and_windows_bound_memory(shard_dir):
+    shards = ShardSet.open(str(shard_dir))
+    plan = rank_plan(shards, rank=0, world=1, seed=0, batch_size=32, pool_share=None, window=1, steps_per_epoch=10)
+    batches = list(epoch_batches(plan, 0))
+    assert len(batches) == 10  # 320 rows: passes 0, 1 and 2 of 150 rows (views 0, 1, 0)
+    assert {v for b in batches for v in b.view.tolist()} == {0, 1}
+    again = list(epoch_batches(plan, 0))  # an epoch depends on nothing before it: resumable
+    assert all(torch.equal(a.index, b.index) for a, b in zip(batches, again))
 
 
 def _copy(src, dst):
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -92,42 +130,55 @@ def test_faults_name_the_file(shard_dir, tmp_path):
     part = d / "part-00001.arrow"
     part.write_bytes(part.read_bytes()[:-100])
     with pytest.raises(ShardError, match="part-00001.arrow.*truncated"):
-        ShardReader(str(d))
+        ShardSet.open(str(d), full=False)
 
     d = _copy(shard_dir, tmp_path / "flip")
+    manifest = json.loads((d / "manifest.json").read_text())
     data = bytearray((d / "part-00002.arrow").read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 3] ^= 0xFF  # inside the first unit's pixels
     (d / "part-00002.arrow").write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="part-00002.arrow.*sha256"):
+    with pytest.raises(ShardError, match="part-00002.arrow \\(record batch 0\\).*digest"):
         verify(str(d))
 
     d = _copy(shard_dir, tmp_path / "missing")
     (d / "part-00000.arrow").unlink()
     with pytest.raises(ShardError, match="part-00000.arrow: missing part"):
-        ShardReader(str(d))
+        ShardSet.open(str(d))
 
     d = _copy(shard_dir, tmp_path / "manifest")
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="manifest.json: corrupt manifest"):
         read_manifest(str(d))
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
-    manifest["format_version"] = 99
+    manifest["format_version"] = 1
     (d / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="format version 99"):
+    with pytest.raises(ShardError, match="format version 1, this dard reads 2"):
         read_manifest(str(d))
     with pytest.raises(ShardError, match="no manifest"):
         read_manifest(str(tmp_path / "nowhere"))
 
 
+def test_a_part_altered_after_the_check_stops_the_stream_naming_it(shard_dir, tmp_path):
+    """Checked at the start, altered before a rank reads it: the unit read is checked again."""
+    d = _copy(shard_dir, tmp_path / "late")
+    shards = ShardSet.open(str(d))
+    data = bytearray((d / "part-00000.arrow").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (d / "part-00000.arrow").write_bytes(bytes(data))
+    plan = rank_plan(shards, rank=0, world=1, seed=0, batch_size=16, pool_share=None, window=1)
+    with pytest.raises(ShardError, match="part-00000.arrow \\(record batch .\\): its content differs"):
+        list(epoch_batches(plan, 0))
+
+
 def test_wrong_run_is_refused(shard_dir):
-    reader = ShardReader(str(shard_dir), check="fast")
-    reader.check_compatible(dataset="digits", num_classes=10, eps=EPS)
+    shards = ShardSet.open(str(shard_dir), full=False)
+    attack = {"eps": EPS}
+    shards.check_compatible(dataset="digits", num_classes=10)
     with pytest.raises(ShardError, match="dataset 'digits' \\(run: 'cifar10'\\).*num_classes 10 \\(run: 100\\)"):
-        reader.check_compatible(dataset="cifar10", num_classes=100)
-    with pytest.raises(ShardError, match="attack eps"):
-        reader.check_compatible(dataset="digits", num_classes=10, eps=0.1)
+        shards.check_compatible(dataset="cifar10", num_classes=100)
+    with pytest.raises(ShardError, match="attack.eps"):
+        shards.check_compatible(dataset="digits", num_classes=10, attack={**attack, "eps": 0.1})
     with pytest.raises(ShardError, match="teacher sha256"):
-        reader.check_compatible(dataset="digits", num_classes=10, teacher_sha256="0" * 64)
+        shards.check_compatible(dataset="digits", num_classes=10, teacher_sha256="0" * 64)
 
 
 def test_interrupted_precompute_resumes_without_recomputing(teacher_path, tmp_path, shard_dir):
@@ -142,8 +193,7 @@ def test_interrupted_precompute_resumes_without_recomputing(teacher_path, tmp_pa
     assert second.skipped_parts == [0] and second.computed_parts == [1, 2]
     verify(out)
     # deterministic: the same rows as a run that was never interrupted
-    a = ShardReader(out, check="none").manifest["parts"]
-    b = ShardReader(str(shard_dir), check="none").manifest["parts"]
+    a, b = read_manifest(out)["parts"], read_manifest(str(shard_dir))["parts"]
     assert [x["sha256"] for x in a] == [x["sha256"] for x in b]
     third = precompute(cfg, teacher_path, out, views=2, rows_per_part=64, use_ray=False)
     assert third.computed_parts == [] and third.skipped_parts == [0, 1, 2]
@@ -174,7 +224,7 @@ print(result.manifest["rows"], result.computed_parts)
 
 def test_dard_builds_shards_without_ray_or_cluster(teacher_path, tmp_path):
     run = subprocess.run([sys.executable, "-c", BUILD_WITHOUT_RAY, teacher_path, str(tmp_path / "s")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["40", "[0,", "1]"]
     assert verify(str(tmp_path / "s"))["rows"] == 40
@@ -210,8 +260,6 @@ def test_rows_are_checked_against_the_runs_split_whatever_the_manifest_says(teac
 def test_a_manifest_edited_after_precompute_is_refused_by_its_fingerprint(shard_dir, tmp_path, capsys):
     """Fields the rows cannot show (the teacher that made them, the attack of the DPGD views) are
     held by the manifest's fingerprint, recomputed from its own fields on every full check."""
-    import shutil
-
     from dard.cli import main
     from dard.training import open_shards
 
@@ -226,3 +274,33 @@ def test_a_manifest_edited_after_precompute_is_refused_by_its_fingerprint(shard_
         open_shards(str(copy), small_cfg(tmp_path))
     assert main(["shards", "inspect", str(copy)]) == 2
     assert "fingerprint no longer matches" in capsys.readouterr().err
+
+
+def test_pool_rows_carry_the_teachers_labels_never_the_hidden_ones(teacher_path, tmp_path):
+    """``data.labeled``: 60 samples keep their labels (stratified), the other 90 are pool rows whose
+    label is the teacher's argmax and whose hidden true label is nowhere in the shards; batches mix
+    them at ``pool_share``, and hard-label terms skip a pool row under ``pseudo_labels: none``."""
+    teacher = load(teacher_path)
+    cfg = small_cfg(tmp_path, labeled=60)
+    result = precompute(cfg, teacher_path, str(tmp_path / "p"), views=1, rows_per_part=40, use_ray=False)
+    m = result.manifest
+    assert m["samples"] == {"labeled": 60, "pool": 90} and [p["kind"] for p in m["parts"]] == ["labeled"] * 2 + ["pool"] * 3
+    splits = load_splits(cfg.data)
+    assert (splits.pool.labels == -1).all() and len(splits.train) == 60
+    shards = ShardSet.open(str(tmp_path / "p"))
+    cols = view_rows(shards, 0, kinds=("pool",))
+    x = _pixels(cols["x"], (1, 8, 8), np.uint8).float() / 255
+    with torch.no_grad():
+        expected = teacher(x).argmax(1)
+    assert torch.equal(torch.from_numpy(cols["label"].to_numpy().astype(np.int64)), expected)
+    assert (cols["label_source"].to_numpy() == 1).all()
+    plan = rank_plan(shards, rank=0, world=1, seed=0, batch_size=20, pool_share=0.5, window=2)
+    assert plan.steps == (60 + 90) // 20
+    batch = next(epoch_batches(plan, 0))
+    assert (batch.label_source == 1).sum() == 10
+    rst = batch.to_train_batch("teacher")
+    assert torch.equal(rst.label_weight, torch.ones(20))
+    labeled_only = batch.to_train_batch("none")
+    assert torch.equal(labeled_only.label_weight, (batch.label_source == 0).float())
+    confident = batch.to_train_batch("teacher", threshold=1.01)
+    assert torch.equal(confident.label_weight, (batch.label_source == 0).float())

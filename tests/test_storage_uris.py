@@ -1,36 +1,11 @@
 """Storage URIs stay URIs: shards, model files, checkpoints, run markers and a sweep's sealed state on
-``s3://`` -- a fake S3 (moto's server on loopback), reached through pyarrow as a real bucket would
-be -- and never a local folder named ``s3:`` (pathlib turns ``s3://b/x`` into ``s3:/b/x``)."""
+``s3://`` -- a fake S3 (moto's server on loopback, ``tests/conftest.py``), reached through pyarrow
+as a real bucket would be -- and never a local folder named ``s3:`` (pathlib turns ``s3://b/x`` into ``s3:/b/x``)."""
 import json
 
 import pytest
 
 from dard.cli import main
-
-
-@pytest.fixture(scope="module")
-def bucket():
-    """A fake S3 on 127.0.0.1 with one bucket; pyarrow and boto3 find it through AWS_ENDPOINT_URL."""
-    import os
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="dard")
-    yield "s3://dard"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_shards_and_a_student_on_an_object_store(bucket, trained_models, tmp_path, monkeypatch, capsys):
@@ -44,7 +19,7 @@ def test_shards_and_a_student_on_an_object_store(bucket, trained_models, tmp_pat
     assert main(["precompute", *quick, "--teacher", trained_models["natural"]["model_path"], "--out", shards,
                  "--local", "--rows-per-part", "64"]) == 0
     assert main(["shards", "inspect", shards]) == 0
-    assert "150 samples x 1 views" in capsys.readouterr().out
+    assert "150 labeled samples x 1 views" in capsys.readouterr().out
     assert main(["distill", *quick, "--method", "rslad", "--shards", shards, "--epochs", "1", "--out", student,
                  "--no-tracking"]) == 0
     assert main(["evaluate", "--model", student, "--attacks", "natural", "--limit", "40", "--no-checks",

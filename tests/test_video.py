@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from dard.models import load_model
+from dard.modelfile import load
 from dard.video import VideoError, make_sample, read_frames, run_video, write_frames
 
 
@@ -10,8 +10,8 @@ def test_video_on_the_sample_clip(trained_models, tmp_path):
     clip, labels = make_sample(tmp_path / "clip.mp4", n_images=12, frames_per_image=2)
     frames, fps, comment = read_frames(clip)
     assert frames.shape[0] == 24 and comment == "dard-dataset=digits"
-    model, header = load_model(trained_models["natural"]["model_path"])
-    result = run_video(clip, model, header, attack="pgd20", out=tmp_path / "out.mp4", eps=0.2, step_size=0.05,
+    mf = load(trained_models["natural"]["model_path"])
+    result = run_video(clip, mf, attack="pgd20", out=tmp_path / "out.mp4", eps=0.2, step_size=0.05,
                        labels_path=labels)
     decoded, _, _ = read_frames(result.video)
     assert decoded.shape[0] == 24  # ffmpeg decodes the same number of frames
@@ -23,19 +23,19 @@ def test_video_on_the_sample_clip(trained_models, tmp_path):
 
 
 def test_video_errors(trained_models, tmp_path):
-    model, header = load_model(trained_models["natural"]["model_path"])
+    mf = load(trained_models["natural"]["model_path"])
     with pytest.raises(VideoError, match="not found"):
-        run_video(tmp_path / "missing.mp4", model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(tmp_path / "missing.mp4", mf, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(VideoError, match="not a readable video|no video stream"):
-        run_video(tmp_path / "junk.mp4", model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(tmp_path / "junk.mp4", mf, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     import numpy as np
 
     clip = write_frames(tmp_path / "c10.mp4", np.zeros((2, 32, 32, 3), np.uint8), 4, comment="dard-dataset=cifar10")
     with pytest.raises(VideoError, match="made for 'cifar10'.*trained on 'digits'"):
-        run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+        run_video(clip, mf, attack="pgd20", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     with pytest.raises(VideoError, match=r"--eps must be in \[0, 1\]"):
-        run_video(clip, model, header, attack="pgd20", out=tmp_path / "o.mp4", eps=5, step_size=0.05)
+        run_video(clip, mf, attack="pgd20", out=tmp_path / "o.mp4", eps=5, step_size=0.05)
     assert not (tmp_path / "o.mp4").exists()
 
 
@@ -51,8 +51,8 @@ def test_a_huge_frame_is_decoded_at_the_models_size(trained_models, tmp_path, mo
     clip = write_frames(tmp_path / "huge.mp4", frames, 4)
     small, _, _ = read_frames(clip, side=32)
     assert small.shape == (3, 32, 32, 3) and small[:, 16, 16].min() > 200 and small[:, 1, 1].max() < 40
-    model, header = load_model(trained_models["natural"]["model_path"])
-    result = run_video(clip, model, header, attack="fgsm", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
+    mf = load(trained_models["natural"]["model_path"])
+    result = run_video(clip, mf, attack="fgsm", out=tmp_path / "o.mp4", eps=0.2, step_size=0.05)
     assert result.frames == 3
     monkeypatch.setattr(video, "MAX_FRAMES", 2)
     with pytest.raises(VideoError, match="longer than 2 frames"):

@@ -85,17 +85,16 @@ def _ended_trials_callback():
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: apply the point ``config`` (the sampled parameters), train with DDP, log to
-    an MLflow child run. ``ctx``: the sweep's fixed context (run config, shards, storage, tracking),
-    bound with ``tune.with_parameters``."""
+    an MLflow child run. ``ctx``: the sweep's fixed context (the run's Config, the checked
+    ShardSet, storage, tracking), bound with ``tune.with_parameters``."""
     import ray.tune
     from mlflow.entities import Param
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cluster.train import train_distributed
-    from dard.config import from_dict
 
     params = dict(config)
-    cfg = apply(from_dict(ctx["run"]), params)
+    cfg = apply(ctx["run"], params)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = cfg.updated(run={"out_dir": ctx["trials_dir"] + "/" + trial_id})
     tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
@@ -140,7 +139,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
         raise ValueError("space: method must be a fixed value (one method per sweep, equal trials per method)")
     cfg = cfg.updated(loss={"method": space_dict.get("method", cfg.loss.method)})
     uri = check_tracking_uri(tracking_uri)
-    open_shards(shards, cfg, check="full")
+    checked = open_shards(shards, cfg)  # once per sweep: the trials get it as it is
     storage = absolute(storage_path or Path(cfg.run.out_dir) / "sweeps")
     experiment_path = within(storage, name)
     if resume and not exists(experiment_path):
@@ -166,7 +165,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
                               "tags": {"dard.sweep": name, "dard.space": json.dumps(space_dict)[:5000]}}, cfg)
         parent_run_id = parent.run_id
         write_bytes(parent_file, json.dumps({"run_id": parent_run_id}).encode())
-    ctx = {"run": cfg.to_dict(), "shards": absolute(shards), "workers": workers_per_trial, "use_gpu": use_gpu,
+    ctx = {"run": cfg, "shards": checked, "workers": workers_per_trial, "use_gpu": use_gpu,
            "storage": experiment_path, "trials_dir": str(Path(cfg.run.out_dir).absolute() / "trials" / name),
            "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
            "cpus_per_worker": cpus_per_worker}

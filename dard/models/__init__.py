@@ -12,11 +12,15 @@ def build_for(model_cfg, data_cfg):
     return build(model_cfg.arch, data_cfg.num_classes, data_cfg.image_shape[0], **arch_kwargs(model_cfg))
 
 
-def save_for(path, model, model_cfg, data_cfg, meta: dict | None = None):
-    """:func:`save_model` for a model built by :func:`build_for` (same facts); returns the path."""
-    return save_model(path, model, arch=model_cfg.arch, num_classes=data_cfg.num_classes,
-                      in_channels=data_cfg.image_shape[0], dataset=data_cfg.dataset, arch_kwargs=arch_kwargs(model_cfg),
-                      meta=meta)
+def save_for(path, model, cfg, meta: dict | None = None):
+    """:func:`save_model` for a model built by :func:`build_for` under the Config ``cfg`` (the same
+    facts, its class names and the input it takes); returns the path."""
+    from dard.modelfile import input_spec
+
+    return save_model(path, model, arch=cfg.model.arch, num_classes=cfg.data.num_classes,
+                      in_channels=cfg.data.image_shape[0], dataset=cfg.data.dataset,
+                      arch_kwargs=arch_kwargs(cfg.model), meta=meta, classes=list(cfg.data.class_names),
+                      input=input_spec(cfg))
 
 
 def load_teacher_for(path, data_cfg, arch: str | None = None, *, data: bytes | None = None):

@@ -3,7 +3,12 @@
 A dard model file is a dict of plain values and tensors::
 
     {"format": "dard-model/1", "arch": str, "num_classes": int, "in_channels": int,
-     "arch_kwargs": dict, "dataset": str, "state_dict": {...}, "meta": {...}}
+     "arch_kwargs": dict, "dataset": str, "classes": [names], "input": {...}, "state_dict": {...},
+     "meta": {...}}
+
+``classes`` (class names in output order) and ``input`` (shape, layout, dtype, the [0, 1] range,
+channels, the L-inf eps the model was trained for) say how to call the model; files written before
+them get both from their config (:mod:`dard.modelfile`).
 
 ``load_teacher`` also accepts a bare state dict or ``{"state_dict": ...}`` as RobustBench and
 most research repos save them (a ``module.`` prefix from DataParallel is stripped).
@@ -42,14 +47,19 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
 
 
 def save_model(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
-               dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> Path | str:
+               dataset: str, arch_kwargs: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+               classes: list[str] | None = None, input: dict[str, Any] | None = None) -> Path | str:
     """Write a dard model file to ``path`` (a local path, returned as a Path, or a storage URI)."""
     path = path if is_uri(path) else Path(path)
     model = unwrap(model)
     check_finite(model.state_dict(), f"model for {path}")
+    if classes is not None and len(classes) != num_classes:
+        raise ModelFileError(f"{path}: {len(classes)} class names for {num_classes} outputs")
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
+               **({"classes": list(classes)} if classes is not None else {}), **({"input": dict(input)} if input else {}),
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+               "meta": dict(meta or {})}
     atomic_write(path, lambda f: torch.save(payload, f))  # a crash never leaves a half-written model file
     return path
 
