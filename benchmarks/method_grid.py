@@ -101,9 +101,9 @@ def _init_worker() -> None:
 
 
 def _evaluate(model_path: str, cfg, aa_limit, seed: int, sanity: bool, limit: int | None = None) -> tuple[dict, list]:
+    from dard.attacks.registry import PROTOCOL
     from dard.data import load_splits, to_float
     from dard.engine import resolve_device
-    from dard.attacks.registry import PROTOCOL
     from dard.evaluate import EvalSettings, evaluate_model
     from dard.models import load_model
 

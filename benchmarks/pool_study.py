@@ -217,9 +217,8 @@ def main() -> int:
         job = {"kind": "teacher", "dataset": args.dataset, "raw": raw, "aa_limit": args.aa_limit,
                "test_limit": args.test_limit}
         if args.teacher:
-            from dard.config import Config
-
             from benchmarks.method_grid import _evaluate as evaluate
+            from dard.config import Config
 
             cfg = Config.for_dataset(args.dataset, **raw)
             state["teacher"] = {**job, "model_path": args.teacher,

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dard.config import Config  # noqa: E402
+from dard.data import TrainBatch  # noqa: E402
 from dard.data import ArrayDataset, load_splits  # noqa: E402
 from dard.engine import resolve_device, train_epoch  # noqa: E402
-from dard.data import TrainBatch  # noqa: E402
 from dard.models import build  # noqa: E402
 from dard.shards import ShardReader, make_manifest, write_manifest, write_part  # noqa: E402
 from dard.soft_labels import compute_part  # noqa: E402

@@ -24,17 +24,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dard.config import Config, teacher_config
-from dard.data import load_splits, to_float
-from dard.engine import validation_summary
-from dard.logs import LOG_FILE
+from cluster.precompute import precompute
+from cluster.train import train_distributed
 from dard.attacks.registry import AUTOATTACK, PROTOCOL
-from dard.evaluate import EvalSettings, Report, evaluate_model
+from dard.config import Config, teacher_config
+from dard.data import load_splits, resolve_section
+from dard.engine import validation_summary
+from dard.evaluate import EvalSettings, Report, evaluate_file
+from dard.logs import LOG_FILE
+from dard.modelfile import from_file
+from dard.models import file_sha256
+from dard.registry import promote
 from dard.report import write_report
-from dard.models import file_sha256, load_model
 from dard.shards import ShardError, ShardSet
-from dard.registry import METRIC, promote
 from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts
+from dard.training import fit, open_shards
 
 log = logging.getLogger("dard")
 
@@ -68,7 +72,6 @@ class DemoSettings:
 
     def data(self) -> dict:
         """The data section of every config the demo builds (a source resolved once, here)."""
-        from dard.data import resolve_section
 
         data = {"limit_train": self.limit_train, "data_dir": self.data_dir}
         if self.source:
@@ -80,7 +83,6 @@ class DemoSettings:
         """Minutes -> about a minute: for the test suite and a first look."""
         return cls.for_dataset(dataset, **{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 20, "eval_limit": 100,
                                            "val_limit": 100, "limit_train": 512, **kw})
-
 
 # Fashion-MNIST on a CPU: 70k images of 28x28 cost ~50x a digits epoch, so the demo trains on a
 # subset and evaluates a slice; benchmarks/results/grid-fashion-mnist.md has the full protocol.
@@ -112,7 +114,6 @@ def _cached_teacher(cfg: Config, fresh: bool) -> tuple[Path, str]:
 
     Returns (model path, what happened). The cache key is the recipe (every config field but
     the output folder), so another recipe never reuses this teacher."""
-    from dard.training import fit
 
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "run"} | {"seed": cfg.run.seed}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -141,10 +142,7 @@ def _previous_report(folder: Path, stem: str, sha256: str, settings: EvalSetting
 
 
 def run_demo(s: DemoSettings) -> dict:
-    from cluster.precompute import precompute
-    from cluster.train import train_distributed
-    from dard.training import open_shards
-
+    """The demo's seven stages (module docstring); returns the table, the reports, the promotion."""
     out = Path(s.out).absolute()
     if s.fresh and out.exists():
         for child in out.iterdir():  # all but the log this run is writing
@@ -156,21 +154,48 @@ def run_demo(s: DemoSettings) -> dict:
     uri = check_tracking_uri(s.tracking_uri)
     data = s.data()
     validation = {"eval_limit": s.val_limit} if s.val_limit else {}
-    summary: dict = {"out": str(out), "tracking_uri": uri}
+    teacher_path = _teacher_stage(s, data, validation)
+    student_cfg = Config.for_dataset(s.dataset, data=data, optim={"epochs": s.student_epochs},
+                                     run={**validation, "out_dir": str(out / "dard")})
+    shards = _shards_stage(s, out, student_cfg, teacher_path)
+    students = {method: _student_stage(s, out, number, method, data, validation, shards, uri)
+                for number, method in ((3, "dard"), (4, "sat"))}
+    reports = _attack_stage(s, out, student_cfg, {"teacher": teacher_path, "DARD": students["dard"][0],
+                                                   "SAT": students["sat"][0]})
+    promotion = _mlflow_stage(out, uri, students, reports)
+    _stage(7, "results")
+    table = side_by_side({k: v[0] for k, v in reports.items()}, student_cfg.attack.eps)
+    print(table)
+    warnings = [f"{name}: {c.name}: {c.detail}" for name, (r, _) in reports.items() for c in r.warnings]
+    if warnings:
+        print("sanity-check warnings:\n  " + "\n  ".join(warnings))
+    print(f"\nMLflow UI:    dard ui --tracking-uri {uri}   (or: mlflow ui --backend-store-uri {uri})")
+    print(f"registry:     dard registry show {promotion.name} --tracking-uri {uri}")
+    print(f"shards:       dard shards inspect {shards.directory}")
+    print(f"checkpoints:  {out / 'ray'} (Ray Train), students {out}/{{dard,sat}}/model.pt, teacher {teacher_path}")
+    print(f"reports:      {out / 'reports'}/*.html")
+    print(f"log:          {out / LOG_FILE} (library messages; --verbose shows them here)")
+    (out / "results.md").write_text(table + "\n")
+    return {"out": str(out), "tracking_uri": uri, "table": table, "reports": {k: v[0].to_dict() for k, v in reports.items()},
+            "promotion": promotion.__dict__, "warnings": warnings}
 
+
+def _teacher_stage(s: DemoSettings, data: dict, validation: dict) -> Path:
     teacher_cfg = teacher_config(s.dataset, data=data, model={"arch": s.teacher_arch}, optim={"epochs": s.teacher_epochs},
                                  run=validation)
     t = _stage(1, f"robust teacher: {teacher_cfg.loss.method.upper()} {teacher_cfg.model.arch} on {s.dataset}, "
                   f"{teacher_cfg.optim.epochs} epochs")
     teacher_path, what = _cached_teacher(teacher_cfg, s.fresh)
     _done(t, what)
+    return teacher_path
 
-    student_cfg = Config.for_dataset(s.dataset, data=data, optim={"epochs": s.student_epochs},
-                                     run={**validation, "out_dir": str(out / "dard")})
+
+def _shards_stage(s: DemoSettings, out: Path, student_cfg: Config, teacher_path: Path) -> ShardSet:
+    """The teacher's shards, reused when they are this teacher's; checked once, for both students."""
     shards = out / "shards"
     t = _stage(2, f"teacher soft labels on natural + DPGD views ({s.views} per sample) -> Arrow shards, Ray tasks")
     try:
-        if ShardSet.open(str(shards)).manifest["teacher"].get("sha256") != file_sha256(teacher_path):
+        if ShardSet.open(str(shards), full=False).manifest["teacher"].get("sha256") != file_sha256(teacher_path):
             raise ShardError("made by another teacher")
         _done(t, f"reused {shards}")
     except ShardError:
@@ -181,52 +206,53 @@ def run_demo(s: DemoSettings) -> dict:
         result = precompute(student_cfg, teacher_path, str(shards), views=s.views, rows_per_part=512,
                             address=s.address)
         _done(t, f"{result.manifest['rows']} rows in {len(result.manifest['parts'])} parts, {shards}")
-    checked = open_shards(str(shards), student_cfg)  # once: both students train from it
+    return open_shards(str(shards), student_cfg)
 
-    students = {}
-    for number, method in ((3, "dard"), (4, "sat")):
-        label = "DARD" if method == "dard" else "SAT (baseline, same budget)"
-        knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in student_cfg.model.kwargs.items())
-        t = _stage(number, f"{label} student {student_cfg.model.arch}{f' ({knobs})' if knobs else ''}: Ray Train, {s.workers} DDP workers, "
-                           f"{s.student_epochs} epochs")
-        cfg = Config.for_dataset(s.dataset, data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
-                                 run={**validation, "out_dir": str(out / method)})
-        model_path = out / method / "model.pt"
-        logger = EpochLogger({"uri": uri, "experiment": "dard-demo", "run_name": f"demo-{method}"}, cfg)
-        if model_path.exists():
-            _done(t, f"reused {model_path}")
-            logger.log(json.loads(Path(out / method / "final_metrics.json").read_text()), s.student_epochs - 1)
-        else:
-            result = train_distributed(cfg, checked, workers=s.workers, name=f"demo-{method}",
-                                       storage_path=str(out / "ray"), address=s.address,
-                                       tracking={"uri": uri, "run_id": logger.run_id}, out=str(model_path))
-            Path(out / method / "final_metrics.json").write_text(json.dumps(result.metrics))
-            _done(t, validation_summary(cfg, result.metrics))
-        students[method] = (model_path, cfg, logger)
 
+def _student_stage(s: DemoSettings, out: Path, number: int, method: str, data: dict, validation: dict,
+                   shards: ShardSet, uri: str) -> tuple[Path, Config, EpochLogger]:
+    cfg = Config.for_dataset(s.dataset, data=data, loss={"method": method}, optim={"epochs": s.student_epochs},
+                             run={**validation, "out_dir": str(out / method)})
+    label = "DARD" if method == "dard" else "SAT (baseline, same budget)"
+    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in cfg.model.kwargs.items())
+    t = _stage(number, f"{label} student {cfg.model.arch}{f' ({knobs})' if knobs else ''}: Ray Train, {s.workers} DDP "
+                       f"workers, {s.student_epochs} epochs")
+    model_path = out / method / "model.pt"
+    logger = EpochLogger({"uri": uri, "experiment": "dard-demo", "run_name": f"demo-{method}"}, cfg)
+    if model_path.exists():
+        _done(t, f"reused {model_path}")
+        logger.log(json.loads(Path(out / method / "final_metrics.json").read_text()), s.student_epochs - 1)
+    else:
+        result = train_distributed(cfg, shards, workers=s.workers, name=f"demo-{method}", storage_path=str(out / "ray"),
+                                   address=s.address, tracking={"uri": uri, "run_id": logger.run_id}, out=str(model_path))
+        Path(out / method / "final_metrics.json").write_text(json.dumps(result.metrics))
+        _done(t, validation_summary(cfg, result.metrics))
+    return model_path, cfg, logger
+
+
+def _attack_stage(s: DemoSettings, out: Path, student_cfg: Config, models: dict[str, Path]) -> dict:
+    """The protocol on the test split for each model (the teacher's AutoAttack only on request);
+    a report of the same model file and settings is reused. Returns name -> (report, its files)."""
     t = _stage(5, "the attack suite on the test split: " + ", ".join(PROTOCOL)
                + ("" if s.teacher_aa else " (the teacher without AutoAttack; --teacher-aa adds it)"))
-    test = load_splits(student_cfg.data).test
-    x, y = to_float(test.images), test.labels
+    test = load_splits(student_cfg.data).test.head(s.eval_limit)
     reports, reused = {}, []
-    for name, path in (("teacher", teacher_path), ("DARD", students["dard"][0]), ("SAT", students["sat"][0])):
+    for name, path in models.items():
         attacks = PROTOCOL if name != "teacher" or s.teacher_aa else tuple(a for a in PROTOCOL if a != AUTOATTACK)
         settings = EvalSettings.for_config(student_cfg, attacks=attacks, limit=s.eval_limit, autoattack_limit=s.aa_limit)
-        sha256 = file_sha256(path)
-        previous = _previous_report(out / "reports", name.lower(), sha256, settings)
+        previous = _previous_report(out / "reports", name.lower(), file_sha256(path), settings)
         if previous is not None:
             reports[name] = previous
             reused.append(name)
             continue
-        model, header = load_model(path)
-        report = evaluate_model(model, x, y, settings)
-        report.meta = {"model": name, "arch": header["arch"], "dataset": s.dataset, "split": "test",
-                       "model_sha256": sha256}
+        report = evaluate_file(from_file(str(path)), test, settings, name=name, split="test", dataset=s.dataset)
         reports[name] = (report, write_report(report, out / "reports", stem=name.lower()))
     _done(t, (f"reused the reports of {', '.join(reused)} (same model files, same settings); " if reused else "")
           + f"reports in {out / 'reports'}")
+    return reports
 
+
+def _mlflow_stage(out: Path, uri: str, students: dict, reports: dict):
     t = _stage(6, f"MLflow ({uri}): metrics, reports, models; register the DARD student")
     for method, label in (("dard", "DARD"), ("sat", "SAT")):
         path, cfg, logger = students[method]
@@ -234,26 +260,9 @@ def run_demo(s: DemoSettings) -> dict:
         log_report_artifacts(logger.run_id, paths, uri, metrics=report.accuracy)
         log_model(logger.run_id, path, tracking_uri=uri)
         logger.close()
-    dard_metrics = json.loads(Path(out / "dard" / "final_metrics.json").read_text())
-    promotion = promote(uri, students["dard"][2].run_id, float(dard_metrics[METRIC]), students["dard"][1])
+    promotion = promote(uri, students["dard"][2].run_id, students["dard"][1])  # the held epoch's metric
     _done(t, promotion.summary())
-
-    _stage(7, "results")
-    table = side_by_side({k: v[0] for k, v in reports.items()}, student_cfg.attack.eps)
-    print(table)
-    warnings = [f"{name}: {c.name}: {c.detail}" for name, (r, _) in reports.items() for c in r.warnings]
-    if warnings:
-        print("sanity-check warnings:\n  " + "\n  ".join(warnings))
-    print(f"\nMLflow UI:    dard ui --tracking-uri {uri}   (or: mlflow ui --backend-store-uri {uri})")
-    print(f"registry:     dard registry show {promotion.name} --tracking-uri {uri}")
-    print(f"shards:       dard shards inspect {shards}")
-    print(f"checkpoints:  {out / 'ray'} (Ray Train), students {out}/{{dard,sat}}/model.pt, teacher {teacher_path}")
-    print(f"reports:      {out / 'reports'}/*.html")
-    print(f"log:          {out / LOG_FILE} (library messages; --verbose shows them here)")
-    (out / "results.md").write_text(table + "\n")
-    summary.update(table=table, reports={k: v[0].to_dict() for k, v in reports.items()},
-                   promotion=promotion.__dict__, warnings=warnings)
-    return summary
+    return promotion
 
 
 def side_by_side(reports: dict, eps: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cluster.ray_session import cluster_has_gpus, ensure_ray
 from dard.config import Config
 from dard.precompute import MapJobs, PrecomputeResult, build_shards
 
@@ -21,7 +22,6 @@ def ray_map_jobs(address: str | None = None) -> MapJobs:
     """A ``map_jobs`` that runs each job as a Ray task on the cluster at ``address`` (None: local)."""
 
     def run(fn, jobs: list):
-        from cluster.ray_session import cluster_has_gpus, ensure_ray
 
         ray = ensure_ray(address)
         shared = hasattr(jobs[0], SHARED)

@@ -8,6 +8,14 @@ import signal
 import sys
 import threading
 
+from dard.logs import one_line
+
+
+def ensure_auth_mode() -> None:
+    """Token authentication, as every cluster dard starts or documents runs it (a client, such as
+    a job submission, reads ``~/.ray/auth_token``); set before Ray is imported."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
                dashboard: bool = True):
@@ -85,7 +93,6 @@ def cluster_has_gpus() -> bool:
 
     return ray.cluster_resources().get("GPU", 0) > 0
 
-
 RAY_ERRORS = {"RayError", "RayTaskError", "RayActorError", "TrainingFailedError", "WorkerGroupError", "TuneError"}
 
 
@@ -96,7 +103,6 @@ class RayRunError(RuntimeError):
 def error_line(err: BaseException) -> str:
     """The line a person needs from a Ray error. Ray wraps a worker's error (WorkerGroupError,
     RayTaskError, TrainingFailedError) in a remote traceback: the worker's own error instead."""
-    from dard.logs import one_line
 
     failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
     if failures:

@@ -20,7 +20,8 @@ import uuid
 from dataclasses import dataclass
 
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from cluster.ray_private import TorchBackend, set_torch_distributed_env_vars, setup_torch_process_group
 
 
 def loopback_interface() -> str:
@@ -58,13 +59,13 @@ class LoopbackTorchConfig(TorchConfig):
         return _LoopbackBackend
 
 
-class _LoopbackBackend(_TorchBackend):
+class _LoopbackBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: LoopbackTorchConfig) -> None:
         store = os.path.join(tempfile.gettempdir(), f"dard-rendezvous-{uuid.uuid4().hex}")
         worker_group.execute(_pin_to_loopback, interface=loopback_interface())
-        worker_group.execute(_set_torch_distributed_env_vars)
+        worker_group.execute(set_torch_distributed_env_vars)
         backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0) else "gloo")
-        futures = [worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend, world_rank=i,
+        futures = [worker_group.execute_single_async(i, setup_torch_process_group, backend=backend, world_rank=i,
                                                      world_size=len(worker_group), init_method=f"file://{store}",
                                                      timeout_s=backend_config.timeout_s)
                    for i in range(len(worker_group))]
@@ -80,7 +81,7 @@ class NodeInterfaceTorchConfig(TorchConfig):
         return _NodeInterfaceBackend
 
 
-class _NodeInterfaceBackend(_TorchBackend):
+class _NodeInterfaceBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: NodeInterfaceTorchConfig) -> None:
         worker_group.execute(_pin_to_node_interface)
         super().on_start(worker_group, backend_config)

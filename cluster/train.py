@@ -11,7 +11,9 @@ global batch follows the linear rule (lr proportional to batch size, Goyal et al
 BatchNorm statistics stay per worker (no SyncBN), as in torchvision's reference DDP recipes.
 
 Fault tolerance: every epoch all ranks report and rank 0 attaches a checkpoint (model,
-optimizer, scheduler, epoch, RNG). After a worker dies, ``FailureConfig(max_failures)`` restarts
+optimizer, scheduler, epoch, history, the best epoch's weights; no RNG state: every epoch seeds
+itself from (seed, rank, epoch) and streams rows that depend on nothing before it). After a
+worker dies, ``FailureConfig(max_failures)`` restarts
 the group and the loop resumes from ``get_checkpoint()``; re-running the driver with the same
 ``(storage_path, name)`` resumes an interrupted run.
 """
@@ -24,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cluster.fatal import fatal_channel, stop_everywhere
+from cluster.ray_session import RayRunError, cluster_has_gpus, ensure_ray, error_line
 from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config
-from dard.files import absolute, within
 from dard.engine import NonFiniteLossError, epoch_line
+from dard.files import absolute, within
 from dard.logs import one_line
 from dard.shards import PeerShardError, ShardError, ShardSet
+from dard.tracking import EpochLogger
 from dard.training import open_shards, prepare, save_selected
 
 log = logging.getLogger("dard")
@@ -43,9 +48,9 @@ REPEATED = "dard_repeated"  # a report of an epoch already reported (see train_l
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every worker. ``config``: ``run`` (the Config), ``shards`` (the :class:`ShardSet`
     the driver checked: opened here without checking it again), optional ``teacher_path`` and
-    ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=, model=, rows=)`` run after
-    every optimizer step (``rows``: the samples it trained on; the fault-tolerance tests kill a
-    worker and record weight digests and rows with it).
+    ``step_hook``: a callable ``hook(rank=, world=, epoch=, step=, steps=, model=, rows=, labels=,
+    pooled=)`` run after every optimizer step (the samples it trained on, their hard labels, which
+    were pool rows; the fault-tolerance tests kill a worker and record weight digests and rows with it).
     MLflow is logged by :func:`epochs_to_mlflow`, not here."""
     import ray.train
     import ray.train.torch
@@ -64,7 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except ValueError as err:  # config, shards, teacher: a restart cannot fix it
         error = err
     fatal = config["fatal"]
-    if _stop_everywhere(error, world, rank, fatal):
+    if stop_everywhere(error, world, rank, fatal):
         return
     run.model = ray.train.torch.prepare_model(run.model)  # wraps in DDP when world > 1
     checkpoint = ray.train.get_checkpoint()
@@ -75,7 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 run.resume(load_checkpoint(Path(d) / CHECKPOINT_FILE), f"the Ray Train checkpoint {checkpoint.path}")
         except ValueError as err:  # written under another config, unreadable
             error = err
-    if _stop_everywhere(error, world, rank, fatal):
+    if stop_everywhere(error, world, rank, fatal):
         return
     def scored(metrics: dict) -> dict:
         return {**metrics, SCORE: metrics.get(selection_metric(cfg.loss.method), -1.0)}
@@ -95,7 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         run.epochs(report, rank=rank, extra_metrics={"world_size": world, **_nodes(world)},
                    on_step=None if hook is None else
                    (lambda epoch, step, batch: hook(rank=rank, world=world, epoch=epoch, step=step, steps=run.steps,
-                                                    model=run.model, rows=batch.index)))
+                                                    model=run.model, rows=batch.index, labels=batch.y,
+                                                    pooled=batch.pooled)))
     except NonFiniteLossError as err:  # decided on all-reduced gradients: every rank is here, at the same step
         if rank == 0:
             ray.get(fatal.set.remote(one_line(err)))
@@ -108,37 +114,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Restored after the last epoch (a sweep interrupted between a trial's last checkpoint and
         # its result): report that epoch again, or Tune would see the trial end with no result.
         ray.train.report({**scored(run.history[-1]), REPEATED: 1}, checkpoint=checkpoint if rank == 0 else None)
-
-
-class FatalError:
-    """An actor holding the first error that a restart would only repeat (config, shards, resume
-    with another config, a NaN loss). Raised in a worker, such an error would make Ray Train
-    restart the group ``max_failures`` times to fail the same way: the workers put it here and
-    end instead, and ``train_distributed`` raises it on the driver."""
-
-    def __init__(self):
-        self.message: str | None = None
-
-    def set(self, message: str) -> None:
-        self.message = self.message or message
-
-    def get(self) -> str | None:
-        return self.message
-
-
-def _stop_everywhere(error: BaseException | None, world: int, rank: int, fatal) -> bool:
-    """Whether any rank hit such an error (a collective: every rank calls it, so all end together)."""
-    import ray
-
-    messages = [one_line(error) if error is not None else None] * world
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_gather_object(messages, messages[0])
-    first = next((m for m in messages if m is not None), None)
-    if first is not None and rank == 0:
-        ray.get(fatal.set.remote(first))
-    return first is not None
 
 
 def _nodes(world: int) -> dict[str, Any]:
@@ -165,19 +140,36 @@ def epochs_to_mlflow(tracking: dict, cfg: Config):
 
     class EpochsToMlflow(UserCallback):
         def __init__(self):
-            self.logger = None
+            self.logger, self.logged = None, set()
 
         def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
             first = metrics[0]  # rank 0's: the validation metrics are measured there
             if first.get(REPEATED):
                 return
             if self.logger is None:
-                from dard.tracking import EpochLogger
-
                 self.logger = EpochLogger(tracking, cfg)
-            self.logger.log(first, int(first["epoch"]))
+                self.logged = self.logger.logged_epochs()  # a resumed run: what the first attempt logged
+            epoch = int(first["epoch"])
+            if epoch not in self.logged:
+                self.logger.log(first, epoch)
+                self.logged.add(epoch)
 
     return EpochsToMlflow()
+
+
+def committed_history(run_dir: str) -> list[dict]:
+    """The epochs a Ray Train run (``<storage>/<name>``, a path or URI) has committed: the history
+    of its newest checkpoint (Ray names them by time); empty when there is none yet."""
+    import pyarrow.fs as pafs
+
+    from dard.files import resolve
+
+    fs, base = resolve(run_dir)
+    found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    names = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not names:
+        return []
+    return list(load_checkpoint(within(run_dir, names[-1], CHECKPOINT_FILE)).get("history") or [])
 
 
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
@@ -227,52 +219,21 @@ def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, 
     peer's host lost without a closed connection) before it fails and Ray Train restarts the group
     (torch's default is 30 minutes).
     """
-    from cluster.ray_session import cluster_has_gpus, ensure_ray
 
     check_scaling(workers, max_failures, cpus_per_worker, collective_timeout_s)
     checked = open_shards(shards, cfg, teacher_path)  # on the driver, once, before any worker starts
     ray = ensure_ray(address)
-    # on the driver's node: an actor elsewhere would die with its host (a lost worker host must not
-    # take the run's error channel with it)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    fatal = ray.remote(num_cpus=0)(FatalError).options(scheduling_strategy=here).remote()
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cluster.rendezvous import LoopbackTorchConfig, NodeInterfaceTorchConfig, cluster_is_local
-
+    fatal = fatal_channel(ray)
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
-    resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else (4 if use_gpu else 0.5)}
-    if use_gpu:
-        resources["GPU"] = 1
     storage = run_storage(cfg, storage_path)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg, "shards": checked,
-                           "teacher_path": absolute(teacher_path) if teacher_path else None,
-                           "step_hook": step_hook, "fatal": fatal},
-        # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
-        torch_config=(LoopbackTorchConfig if cluster_is_local() else NodeInterfaceTorchConfig)(
-            backend="nccl" if use_gpu else "gloo", timeout_s=collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=placement_strategy),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
-                             # each epoch to MLflow once all workers reported it (tracking: {"uri", "run_id"})
-                             callbacks=[*(callbacks or []), *([epochs_to_mlflow(tracking, cfg)] if tracking else [])],
-                             # the best epoch by the selection metric, and the latest (Ray always keeps it)
-                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
-                                                                checkpoint_score_order="max"),
-                             # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
-    from cluster.ray_session import RayRunError, error_line
-
+    trainer = build_trainer(cfg, checked, fatal, workers=workers, use_gpu=use_gpu, storage=storage, name=name,
+                            max_failures=max_failures, teacher_path=teacher_path, tracking=tracking,
+                            cpus_per_worker=cpus_per_worker, placement_strategy=placement_strategy,
+                            callbacks=callbacks, step_hook=step_hook, collective_timeout_s=collective_timeout_s)
     started = time.time()
     try:
-        result = trainer.fit()
+        result = fit_off_main_thread(trainer)
         error = result.error
     except Exception as err:  # Ray Train raises the workers' errors wrapped (WorkerGroupError, ...)
         error = err
@@ -281,12 +242,76 @@ def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, 
         ray.kill(fatal)
     if message or error:
         raise RayRunError(f"distributed training failed: {message or error_line(error)}") from error
+    return read_result(result, cfg, out or within(storage, name, "model.pt"),
+                       {"workers": workers, "use_gpu": use_gpu, "seconds": time.time() - started})
+
+
+def fit_off_main_thread(trainer):
+    """``trainer.fit()`` in a thread of its own. On the main thread Ray Train installs its own SIGINT
+    handler (a graceful abort, after which the process exits 1 with no word); off it, dard's stay:
+    Ctrl-C and SIGTERM reach the main thread as exceptions, the command closes its MLflow run and
+    exits 130/143 with one line, and the Ray it started goes down with the run (the last committed
+    checkpoint is kept; the same command continues from it)."""
+    import threading
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a bounded wait: signals are delivered between two
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def build_trainer(cfg: Config, shards: ShardSet, fatal, *, workers: int, use_gpu: bool, storage: str, name: str,
+                  max_failures: int, teacher_path: str | None, tracking: dict | None, cpus_per_worker: float | None,
+                  placement_strategy: str, callbacks: list | None, step_hook: Callable | None,
+                  collective_timeout_s: int):
+    """The ``TorchTrainer`` of :func:`train_distributed` (its parameters are that function's)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.rendezvous import LoopbackTorchConfig, NodeInterfaceTorchConfig, cluster_is_local  # imports Ray Train
+
+    resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else (4 if use_gpu else 0.5)}
+    if use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg, "shards": shards,
+                           "teacher_path": absolute(teacher_path) if teacher_path else None,
+                           "step_hook": step_hook, "fatal": fatal},
+        # On a local cluster rendezvous through a file and gloo on loopback: nothing listens on the network.
+        torch_config=(LoopbackTorchConfig if cluster_is_local() else NodeInterfaceTorchConfig)(
+            backend="nccl" if use_gpu else "gloo", timeout_s=collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             # each epoch to MLflow once all workers reported it (tracking: {"uri", "run_id"});
+                             # first: Tune may stop a trial as soon as its callback hears the last epoch
+                             callbacks=[*([epochs_to_mlflow(tracking, cfg)] if tracking else []), *(callbacks or [])],
+                             # the best epoch by the selection metric, and the latest (Ray always keeps it)
+                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
+                                                                checkpoint_score_order="max"),
+                             # Ray Train logs every report per rank at INFO; our rank-0 epoch line is enough.
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def read_result(result, cfg: Config, out: str, distributed: dict) -> DistributedResult:
+    """A finished Ray Train run: its last checkpoint's selected epoch written as the model file ``out``."""
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         checkpoint_dir = result.checkpoint.path
-    out_path = out or within(storage, name, "model.pt")
-    _, meta = save_selected(out_path, state, cfg, {"distributed": {"workers": workers, "use_gpu": use_gpu,
-                                                                   "seconds": time.time() - started}})
+    _, meta = save_selected(out, state, cfg, {"distributed": distributed})
     return DistributedResult(metrics={**meta["final_metrics"], "selected_epoch": meta["selected_epoch"]},
-                             checkpoint_dir=str(checkpoint_dir), model_path=str(out_path), run_path=str(result.path),
+                             checkpoint_dir=str(checkpoint_dir), model_path=str(out), run_path=str(result.path),
                              history=list(state["history"]))

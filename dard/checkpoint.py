@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dard.files import atomic_write, is_uri, read_bytes
+from dard.models.io import check_finite
 from dard.models.registry import unwrap
 
 
@@ -37,7 +38,6 @@ def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, config:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path | str:
     """Atomic write; refuses a state whose model weights hold NaN/Inf (the previous checkpoint stays)."""
-    from dard.models.io import check_finite
 
     path = path if is_uri(path) else Path(path)
     check_finite(state["model"], f"checkpoint {path}")
@@ -59,7 +59,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in state:
             raise CheckpointError(f"{path}: not a dard checkpoint (no {key!r})")
     return state
-
 
 # Fields a resumed run may change: where it runs and what it prints, not what it computes.
 RESUMABLE_CHANGES = {("run", "progress"), ("run", "device"), ("run", "out_dir"), ("data", "data_dir")}

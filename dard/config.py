@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import yaml
 
+from dard.errors import ConfigError, unknown
+
 # The presets' facts: (class names in label order, image shape (C, H, W)); read them through
 # DataConfig (``class_names``, ``num_classes``, ``image_shape``), which also covers your own sources.
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -48,15 +50,6 @@ DISTILL_METHODS = METHODS[3:]
 # their functions are dard.attacks.registry.ATTACKS, which checks that it has exactly these.
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript")  # `dard export --format` (dard.export)
 EVAL_ATTACKS = ("natural", "fgsm", "pgd20", "bim10", "tpgd10", "cw20", "dpgd20", "square", "autoattack")
-
-
-def unknown(value: Any, choices, what: str = "") -> str:
-    """The one wording of a value that is not among ``choices``."""
-    return f"unknown {what + ' ' if what else ''}{value!r} (choose from {', '.join(map(str, choices))})"
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names every invalid field (``section.key: why``)."""
 
 
 @dataclass(frozen=True)
@@ -369,8 +362,15 @@ class Config:
 
 
 def _section_problems(name: str, section: Any) -> list[str]:
+    """Each field of ``section`` checked against its type, once; a value the type converts (a YAML
+    list to a tuple, an int where a float is declared) is stored converted."""
     hints = field_hints(type(section))
-    return [p for f in fields(section) for p in check_value(f"{name}.{f.name}", getattr(section, f.name), hints[f.name])[1]]
+    problems = []
+    for f in fields(section):
+        value, found = check_value(f"{name}.{f.name}", getattr(section, f.name), hints[f.name])
+        object.__setattr__(section, f.name, value)  # frozen: set once, here, before anyone reads it
+        problems += found
+    return problems
 
 
 def _rule_problems(cfg: Config) -> list[str]:
@@ -567,15 +567,17 @@ def from_dict(raw: dict[str, Any]) -> Config:
         values = _legacy(name, raw.get(name) or {})
         if not isinstance(values, dict):
             problems.append(f"{name}: expected a mapping, got {values!r}")
-            continue
+            values = {}
         hints = field_hints(cls)
         problems += [f"{name}.{k}: unknown key; known: {', '.join(hints)}" for k in values if k not in hints]
-        checked = {k: check_value(f"{name}.{k}", v, hints[k]) for k, v in values.items() if k in hints}
-        problems += [p for _, ps in checked.values() for p in ps]
-        built[name] = {k: v for k, (v, _) in checked.items()}
+        built[name] = cls(**{k: v for k, v in values.items() if k in hints})
+    try:  # the values are checked once, by the Config itself, every problem at once
+        cfg = Config(**built)
+    except ConfigError as err:
+        raise ConfigError("; ".join([*problems, str(err)])) from None
     if problems:
         raise ConfigError("; ".join(problems))
-    return Config(**{name: cls(**built[name]) for name, cls in get_type_hints(Config).items()})
+    return cfg
 
 
 def _legacy(section: str, values: Any) -> Any:
@@ -593,16 +595,47 @@ def _legacy(section: str, values: Any) -> Any:
     return {**values, "kwargs": {**kept, **(values.get("kwargs") or {})}}
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that says one thing once: a key given twice in a mapping (a section, a field) is an
+    error naming it and its line, never the last one winning; tags that construct objects stay
+    refused (SafeLoader)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: {key!r} given twice (lines {seen[key]} and {line}); "
+                                  "keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_strict(text: str, where: str = "<text>") -> Any:
+    """YAML from ``text`` (a file's, or a ``--set`` value) read by :class:`_StrictLoader`."""
+    try:
+        return yaml.load(text, Loader=_named(where))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from err
+
+
+def _named(where: str):
+    class Loader(_StrictLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.name = where
+
+    return Loader
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file's sections as plain values, checked for shape: a mapping of section
     names to mappings. Values are checked when the Config is built."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = load_strict(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...) at the top level")
     bad = [k for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, (dict, type(None)))]

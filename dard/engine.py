@@ -18,9 +18,9 @@ from torch import nn
 from dard.attacks.pgd import cw_inf, pgd
 from dard.config import AttackConfig, Config, LossConfig
 from dard.data import Dataset, TrainBatch
+from dard.logs import percent
 from dard.losses import get_loss
 from dard.models.registry import unwrap
-from dard.logs import percent
 from dard.progress import progress_bar
 from dard.seeding import seed_for
 

@@ -39,9 +39,12 @@ from dard.engine import correct_under, predict
 from dard.logs import percent
 from dard.progress import progress_bar
 from dard.seeding import generator
+from dard.tracking import git_commit
 
 if TYPE_CHECKING:
     from dard.config import Config
+    from dard.data import Dataset
+    from dard.modelfile import ModelFile
 
 log = logging.getLogger("dard")
 EPS_CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -298,3 +301,32 @@ def predictions_vary(r: Report) -> Check:
 
 CHECKS: tuple[Callable[[Report], Check], ...] = (eps0_equals_natural, monotone_in_eps, iterative_beats_fgsm,
                                                   blackbox_not_stronger, large_eps_breaks, predictions_vary)
+
+
+def provenance(header: dict) -> dict:
+    """Where a report's numbers come from: the model file's sha256, its MLflow run (registry
+    models), this code's commit and version, the AutoAttack package's version, the date (UTC)."""
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"model_sha256": header.get("sha256"), "run_id": header.get("run_id"), "commit": git_commit(),
+            "dard_version": package("dard"), "autoattack_version": package("pyautoattack"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def evaluate_file(model_file: "ModelFile", data: "Dataset", settings: EvalSettings, *, name: str, split: str,
+                  dataset: str, progress: bool = True) -> Report:
+    """The protocol on ``data`` (a split, decoded here) for a loaded model file, the report's meta
+    filled the one way every command fills it: what the model is (architecture, method, classes,
+    input), where the numbers come from (provenance) and which split of which dataset."""
+    report = evaluate_model(model_file.model, data.images.float() / 255, data.labels, settings, progress=progress)
+    report.meta = {"model": name, "arch": model_file.arch, "dataset": dataset, "split": split,
+                   "method": model_file.method, "classes": model_file.classes, "input": model_file.input,
+                   "model_sha256": model_file.sha256, "provenance": provenance(model_file.header)}
+    return report

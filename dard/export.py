@@ -29,8 +29,10 @@ from dard.attacks.registry import ATTACKS, AttackParams
 from dard.config import EXPORT_FORMATS
 from dard.engine import correct_under
 from dard.files import atomic_write
+from dard.logs import percent
 
 FORMATS = EXPORT_FORMATS
+EXPORT_SUFFIXES = {"pt2": (".pt2",), "onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
 MAX_BATCH = 1 << 16
 EXTRA = "pip install 'dard[export]' (onnx, onnxscript, onnxruntime)"
 
@@ -173,7 +175,6 @@ class ExportCheck:
         (within ``tolerance``) and every prediction; an int8 one cannot, so it must agree on
         ``min_agreement`` of the predictions and lose at most ``max_drop`` (a fraction) of natural,
         transferred-PGD and Square accuracy: quantisation can cost robustness."""
-        from dard.logs import percent
 
         if not int8:
             return ([f"max |delta logit| {self.max_abs_logit_diff:.2e} > {tolerance:g}"]
@@ -190,7 +191,6 @@ class ExportCheck:
         return found
 
     def table(self, label: str = "export") -> str:
-        from dard.logs import percent
 
         w = max(9, len(label))
         rows = [f"{'':<22} {'PyTorch':>9} {label:>{w}}"]

@@ -110,3 +110,97 @@ def _no_space(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+class DestinationError(ValueError):
+    """An output destination that cannot take what a command would write; the message names it."""
+
+
+def check_destination(dest: str | Path, *, what: str, kind: str = "file", suffixes: tuple[str, ...] = (),
+                      local_only: str | None = None, inputs: tuple = ()) -> str:
+    """Refuse, before any work, an output ``dest`` (a path or a URI) a command could not write:
+    ``what`` names the option (``--out``). ``kind``: ``file`` or ``folder``. A URI must be of a
+    filesystem pyarrow writes and its bucket must answer (one small probe); ``local_only`` (the
+    reason) refuses URIs. A local file may not be an existing folder, nor a folder a file; its
+    nearest existing folder must be writable; ``suffixes`` are the file endings accepted. A path is
+    never read as ``scheme:`` + path (``s3:/bucket`` is a URI with a slash missing, not a folder).
+    ``inputs``: what the command reads; an output over one of them is refused. Returns ``dest``."""
+    text = str(dest)
+    if is_uri(text):
+        if local_only:
+            raise DestinationError(f"{what} {text}: must be a local path ({local_only})")
+        _check_uri(text, what, kind)
+    else:
+        head = Path(text).parts[0] if Path(text).parts else ""
+        if head.endswith(":") and len(head) > 2:  # "s3:" -- a URI whose "//" was lost
+            raise DestinationError(f"{what} {text}: looks like a URI with a slash missing ({head}//...); write "
+                                   f"{head}//... for storage, or a path without '{head}'")
+        _check_local(Path(text).expanduser(), what, kind)
+    if kind == "file" and suffixes and not any(text.endswith(s) for s in suffixes):
+        raise DestinationError(f"{what} {text}: must end in {' or '.join(suffixes)}")
+    for source in inputs:
+        if source is not None and _same(text, str(source)):
+            raise DestinationError(f"{what} {text}: is an input of this command ({source}); write elsewhere")
+    return text
+
+
+def _check_uri(text: str, what: str, kind: str) -> None:
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except Exception as err:  # an unknown scheme, a malformed URI
+        raise DestinationError(f"{what} {text}: not a storage URI dard can write ({_reason(err)}); use s3://, "
+                               "gs:// or file:// (pyarrow's filesystems)") from err
+    bucket = path.split("/", 1)[0] if not isinstance(fs, pafs.LocalFileSystem) else str(Path(path).parent)
+    try:
+        found = fs.get_file_info([bucket, path])
+    except Exception as err:  # no credentials, an endpoint that does not answer
+        raise DestinationError(f"{what} {text}: its storage does not answer ({_reason(err)})") from err
+    if not isinstance(fs, pafs.LocalFileSystem) and found[0].type == pafs.FileType.NotFound:
+        raise DestinationError(f"{what} {text}: the bucket {bucket!r} does not exist (or these credentials cannot see it)")
+    if kind == "file" and found[1].type == pafs.FileType.Directory:
+        raise DestinationError(f"{what} {text}: is a folder; name a file")
+    if kind == "folder" and found[1].type == pafs.FileType.File:
+        raise DestinationError(f"{what} {text}: is a file; name a folder")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _check_local(Path(path), what, kind)
+
+
+def _check_local(path: Path, what: str, kind: str) -> None:
+    import os
+
+    if kind == "file" and path.is_dir():
+        raise DestinationError(f"{what} {path}: is a folder; name a file")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise DestinationError(f"{what} {path}: is a file; name a folder")
+    candidates = [path.absolute()] if kind == "folder" else []  # a file is replaced: its folder must take it
+    existing = next((p for p in [*candidates, *path.absolute().parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise DestinationError(f"{what} {path}: {existing} is a file, so this path cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DestinationError(f"{what} {path}: {existing} is not writable")
+
+
+def _same(a: str, b: str) -> bool:
+    if is_uri(a) or is_uri(b):
+        return a.rstrip("/") == b.rstrip("/")
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return pa.resolve() == pb.resolve() or (pa.exists() and pb.exists() and pa.samefile(pb))
+    except OSError:
+        return False
+
+
+def _reason(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def upload_folder(local: str | Path, dest: str) -> list[str]:
+    """Every file of the local folder ``local`` to ``dest`` (a URI or a path), each written atomically."""
+    written = []
+    for file in sorted(Path(local).rglob("*")):
+        if file.is_file():
+            target = within(dest, *file.relative_to(local).parts)
+            write_bytes(target, file.read_bytes())
+            written.append(target)
+    return written

@@ -22,7 +22,7 @@ from torch import nn
 
 from dard.attacks.dpgd import dice_loss, dpgd_from_config
 from dard.attacks.pgd import pgd, trades_pgd
-from dard.config import DISTILL_METHODS, AttackConfig, LossConfig, unknown
+from dard.config import DISTILL_METHODS, ROB_TARGETS, AttackConfig, LossConfig, unknown
 from dard.data import TrainBatch
 from dard.models.registry import unwrap
 from dard.teacher import forward_logits
@@ -141,6 +141,55 @@ def rslad(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: Attack
     return LossResult(loss, {"kd_rob": RSLAD_W_ROB * rob.item(), "kd_nat": RSLAD_W_NAT * nat.item()})
 
 
+@dataclass(frozen=True)
+class RobustTerm:
+    """One ``loss.rob_target`` of DARD: how the student's adversarial example x_s is found
+    (``attack(student, batch, loss_cfg, attack_cfg) -> x_s``), what R(x_s) is (``term(logits_adv,
+    logits_nat, x_s, batch, loss_cfg)``), and what that implies: whether R reads S(x)
+    (``natural_logits``), whether it queries the teacher itself at x_s (``online_teacher``), and
+    whether its hard-label or self-consistency scale sets the loss's (``hard_label_scaled``: the
+    search space then keeps the weights as sampled instead of normalising them)."""
+
+    attack: Callable
+    term: Callable
+    natural_logits: bool = False
+    online_teacher: bool = False
+    hard_label_scaled: bool = False
+
+
+def _towards_teacher(student, batch, cfg, attack):
+    """DPGD towards the teacher's natural distribution softmax(T(x))."""
+    return dpgd_from_config(unwrap(student), batch.x, F.softmax(batch.teacher_logits.float(), 1), attack)
+
+
+def _teacher_adv_term(logits_adv, logits_nat, x_adv, batch, cfg):
+    if batch.online_teacher is None:
+        raise ValueError("loss.rob_target='teacher_adv' queries the teacher at x_s: the run needs the "
+                         "teacher model (--teacher, or shards whose manifest names a readable teacher)")
+    return divergence(logits_adv, forward_logits(batch.online_teacher, x_adv), cfg.temperature, cfg.divergence)
+
+
+ROBUST_TERMS: dict[str, RobustTerm] = {
+    # RSLAD's form: D_tau(T(x) || S(x_s)), x_s = DPGD towards softmax(T(x))
+    "teacher_nat": RobustTerm(
+        _towards_teacher, lambda adv, nat, x_adv, b, c: divergence(adv, b.teacher_logits, c.temperature, c.divergence)),
+    # TRADES' term: beta * KL(S(x) || S(x_s)), x_s = TRADES' KL attack from S(x); as upstream, S(x) is not detached
+    "self": RobustTerm(
+        lambda st, b, c, a: trades_pgd(unwrap(st), b.x, eps=a.eps, step_size=a.step_size, steps=a.steps),
+        lambda adv, nat, x_adv, b, c: c.trades_beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1),
+                                                                reduction="batchmean"),
+        natural_logits=True, hard_label_scaled=True),
+    # AdaAD/IAD's idea: D_tau(T(x_s) || S(x_s)), the teacher queried online at x_s (one forward a step)
+    "teacher_adv": RobustTerm(_towards_teacher, _teacher_adv_term, online_teacher=True),
+    # SAT's term: CE(S(x_s), y), x_s = PGD-CE against the student
+    "label": RobustTerm(
+        lambda st, b, c, a: pgd(unwrap(st), b.x, b.y, eps=a.eps, step_size=a.step_size, steps=a.steps),
+        lambda adv, nat, x_adv, b, c: hard_ce(adv, b), hard_label_scaled=True),
+}
+if set(ROBUST_TERMS) != set(ROB_TARGETS):  # the config's choices and these records are one list
+    raise RuntimeError(f"dard.losses.ROBUST_TERMS {sorted(ROBUST_TERMS)} != config ROB_TARGETS {sorted(ROB_TARGETS)}")
+
+
 def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackConfig) -> LossResult:
     """DARD (docs/design.md), with D_tau = tau^2 * D(softmax(./tau)) and D in {kl, dice}::
 
@@ -150,20 +199,19 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
           + w_ce     * CE(S(x), y)
           + w_ce_adv * CE(S(x_s), y)
 
-    ``cfg.rob_target`` chooses R and how x_s is found:
-    ``teacher_nat`` R = D_tau(T(x) || S(x_s)), x_s = DPGD towards softmax(T(x));
-    ``self``        R = trades_beta * KL(S(x) || S(x_s)), x_s = TRADES' KL attack from S(x)
-                    (with w_ce = 1, w_rob = 1 and no teacher term this *is* TRADES);
-    ``teacher_adv`` R = D_tau(T(x_s) || S(x_s)), x_s as for teacher_nat, T(x_s) from
-                    ``batch.online_teacher`` (one teacher forward a step);
-    ``label``       R = CE(S(x_s), y), x_s = PGD-CE against the student (SAT's inner attack):
-                    with w_rob = 1 and no other term this *is* SAT.
-    The paper's public text fixes only "dual supervision from natural and adversarial soft
-    labels" with DPGD examples; the form and defaults are ours (``benchmarks/results/``). A zero
-    weight skips its term; with w_rob = w_ce_adv = 0 no online attack runs.
+    ``cfg.rob_target`` chooses R and how x_s is found (:data:`ROBUST_TERMS`): ``teacher_nat``
+    D_tau(T(x) || S(x_s)), x_s = DPGD towards softmax(T(x)); ``self`` trades_beta * KL(S(x) ||
+    S(x_s)), x_s = TRADES' KL attack (with w_ce = 1, w_rob = 1 and no teacher term this *is*
+    TRADES); ``teacher_adv`` D_tau(T(x_s) || S(x_s)), x_s as for teacher_nat, T(x_s) from
+    ``batch.online_teacher``; ``label`` CE(S(x_s), y), x_s = PGD-CE against the student (with
+    w_rob = 1 and no other term this *is* SAT). The paper's public text fixes only "dual supervision
+    from natural and adversarial soft labels" with DPGD examples; the form and defaults are ours
+    (``benchmarks/results/``). A zero weight skips its term; with w_rob = w_ce_adv = 0 no online
+    attack runs.
     """
     _require_teacher(batch, "dard", "teacher_logits")
     tau, kind = cfg.temperature, cfg.divergence
+    robust = ROBUST_TERMS[cfg.rob_target]
     loss = torch.zeros((), device=batch.x.device)
     terms: dict[str, float] = {}
 
@@ -175,34 +223,13 @@ def dard(student: nn.Module, batch: TrainBatch, cfg: LossConfig, attack: AttackC
     if cfg.w_adv > 0:
         _require_teacher(batch, "dard", "x_teacher_adv", "teacher_logits_adv")
         add("kd_adv", cfg.w_adv * divergence(student(batch.x_teacher_adv), batch.teacher_logits_adv, tau, kind))
-    needs_nat = cfg.w_nat > 0 or cfg.w_ce > 0 or (cfg.w_rob > 0 and cfg.rob_target == "self")
+    needs_nat = cfg.w_nat > 0 or cfg.w_ce > 0 or (cfg.w_rob > 0 and robust.natural_logits)
     logits_nat = student(batch.x) if needs_nat else None
     if cfg.w_rob > 0 or cfg.w_ce_adv > 0:
-        if cfg.rob_target == "self":
-            x_student_adv = trades_pgd(unwrap(student), batch.x, eps=attack.eps, step_size=attack.step_size,
-                                       steps=attack.steps)
-        elif cfg.rob_target == "label":
-            x_student_adv = pgd(unwrap(student), batch.x, batch.y, eps=attack.eps, step_size=attack.step_size,
-                                steps=attack.steps)
-        else:
-            teacher_probs = F.softmax(batch.teacher_logits.float(), 1)
-            x_student_adv = dpgd_from_config(unwrap(student), batch.x, teacher_probs, attack)
+        x_student_adv = robust.attack(student, batch, cfg, attack)
         logits_adv = student(x_student_adv)
         if cfg.w_rob > 0:
-            if cfg.rob_target == "self":
-                # As upstream TRADES, S(x) is not detached: the natural side is pulled too.
-                rob = cfg.trades_beta * F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1),
-                                                 reduction="batchmean")
-            elif cfg.rob_target == "teacher_adv":
-                if batch.online_teacher is None:
-                    raise ValueError("loss.rob_target='teacher_adv' queries the teacher at x_s: the run needs the "
-                                     "teacher model (--teacher, or shards whose manifest names a readable teacher)")
-                rob = divergence(logits_adv, forward_logits(batch.online_teacher, x_student_adv), tau, kind)
-            elif cfg.rob_target == "label":
-                rob = hard_ce(logits_adv, batch)
-            else:
-                rob = divergence(logits_adv, batch.teacher_logits, tau, kind)
-            add("kd_rob", cfg.w_rob * rob)
+            add("kd_rob", cfg.w_rob * robust.term(logits_adv, logits_nat, x_student_adv, batch, cfg))
         if cfg.w_ce_adv > 0:
             add("ce_adv", cfg.w_ce_adv * hard_ce(logits_adv, batch))
     if cfg.w_nat > 0:
@@ -226,7 +253,7 @@ def needs_teacher_adv(cfg: LossConfig) -> bool:
 
 def needs_online_teacher(cfg: LossConfig) -> bool:
     """The teacher model itself is queried during training (not only its precomputed outputs)."""
-    return cfg.method == "dard" and cfg.w_rob > 0 and cfg.rob_target == "teacher_adv"
+    return cfg.method == "dard" and cfg.w_rob > 0 and ROBUST_TERMS[cfg.rob_target].online_teacher
 
 
 def get_loss(method: str):

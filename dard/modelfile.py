@@ -12,6 +12,8 @@ from typing import Any
 from torch import nn
 
 from dard.config import PRESETS, Config, ConfigError, from_dict
+from dard.data import resolve
+from dard.models import arch_kwargs, load_model, save_model
 
 
 def input_spec(cfg: Config) -> dict[str, Any]:
@@ -67,8 +69,6 @@ class ModelFile:
         """The config to evaluate or export the model under: the one it was trained with (a file
         without one: its preset's defaults), ``data_dir`` applied, and a source of your own listed
         again -- one that changed since training is refused by name."""
-        from dard.data import resolve
-
         cfg = self.config
         if cfg is None:
             if self.dataset not in PRESETS:
@@ -99,16 +99,17 @@ class ModelFile:
                 self.header["in_channels"] == 1 else "RGB"}
 
 
-def load(ref: str, tracking_uri: str | None = None) -> ModelFile:
-    """A model by reference: a dard model file (a path or a storage URI), or ``models:/NAME@ALIAS``
-    / ``models:/NAME/VERSION`` in the registry at ``tracking_uri`` (read weights-only, checked
-    against its registration: :func:`dard.registry.load_registered`)."""
-    from dard.models import load_model
+def from_file(path: str) -> ModelFile:
+    """A dard model file (a path or a storage URI), read weights-only. (A registry reference:
+    :func:`dard.registry.load_reference`.)"""
+    model, header = load_model(path)
+    return ModelFile(model, header, str(path))
 
-    if ref.startswith("models:/"):
-        from dard.registry import load_registered
 
-        model, header = load_registered(ref, tracking_uri)
-    else:
-        model, header = load_model(ref)
-    return ModelFile(model, header, ref)
+def save_for(path, model: nn.Module, cfg: Config, meta: dict | None = None):
+    """A model built for ``cfg`` (:func:`dard.models.build_for`) written as a dard model file with
+    the same facts, its class names and the input it takes; returns the path."""
+    return save_model(path, model, arch=cfg.model.arch, num_classes=cfg.data.num_classes,
+                      in_channels=cfg.data.image_shape[0], dataset=cfg.data.dataset,
+                      arch_kwargs=arch_kwargs(cfg.model), meta=meta, classes=list(cfg.data.class_names),
+                      input=input_spec(cfg))

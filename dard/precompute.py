@@ -23,6 +23,7 @@ import numpy as np
 
 from dard.config import Config, from_dict, to_dict
 from dard.data import Dataset, SourceDataset, SourceError, load_splits
+from dard.data.splits import ConcatDataset
 from dard.engine import resolve_device
 from dard.files import atomic_write, join, resolve
 from dard.models import file_sha256, load_teacher_for
@@ -68,7 +69,6 @@ class IndexJob:
     name: str  # train | test | pool: which listing
     samples: SourceDataset
     positions: np.ndarray
-
 
 # map_jobs(fn, jobs) -> the results, in any order, as they finish
 MapJobs = Callable[[Callable[[Any], dict], list], Iterable[dict]]
@@ -162,7 +162,6 @@ def index_source(cfg: Config, splits, map_jobs: MapJobs = map_locally, slice_siz
 
 def _external_pool(pool) -> SourceDataset | None:
     """The part of the run's pool that comes from a source of yours (``data.pool``), if any."""
-    from dard.data.splits import ConcatDataset
 
     if isinstance(pool, SourceDataset):
         return pool
@@ -237,7 +236,6 @@ def build_shards(cfg: Config, teacher_path: str | Path, out: str, *, views: int 
                              source_index=SOURCE_INDEX if index is not None else None)
     write_manifest(out, manifest)
     return PrecomputeResult(out, manifest, sorted(computed), skipped)
-
 
 __all__ = ["KINDS", "PartJob", "IndexJob", "PrecomputeResult", "build_shards", "compute_part_job", "index_job",
            "index_source", "map_locally", "teacher_identity"]

@@ -13,18 +13,31 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dard.config import Config, from_dict
 from dard.logs import percent
+from dard.modelfile import ModelFile, from_file
+from dard.models import file_sha256, load_model
 from dard.tracking import (CONFIG_ARTIFACT, CONFIG_TAG, LOGGED_MODEL_TAG, MODEL_ARTIFACT, MODEL_SHA256_TAG,
-                           TrackingError, check_tracking_uri)
-from dard.tracking import client as tracking_client
+                           TrackingError, check_tracking_uri, client as tracking_client)
 
 ALIAS = "champion"
 METRIC = "val_robust_acc"
+
+
+def load_reference(ref: str, tracking_uri: str | None = None):
+    """A model by reference, as a :class:`dard.modelfile.ModelFile`: a dard model file (a path or a
+    storage URI), or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` in the registry at
+    ``tracking_uri`` (read weights-only, checked against its registration)."""
+
+    if not ref.startswith("models:/"):
+        return from_file(ref)
+    model, header = load_registered(ref, tracking_uri)
+    return ModelFile(model, header, ref)
 
 
 def load_registered(model_uri: str, tracking_uri: str | None = None):
@@ -32,7 +45,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
 
     Everything comes from the version's dard model file (read weights-only, its sha256 and
     architecture checked against the registration): the header is that file's, whole, with
-    ``run_id`` and ``registry`` (``NAME vN``) added. (:func:`dard.modelfile.load` wraps it.)
+    ``run_id`` and ``registry`` (``NAME vN``) added. (:func:`load_reference` wraps it.)
     """
     import mlflow
     spec = model_uri[len("models:/"):]
@@ -51,8 +64,6 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
         raise TrackingError(f"{model_uri}: not found in the registry at {uri} ({err.message.splitlines()[0]}); "
                             "see `dard registry show NAME`") from err
     import tempfile
-
-    from dard.models import file_sha256, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -92,12 +103,16 @@ class Promotion:
     previous_metric: float | None
     moved: bool
     already_registered: bool = False
+    unusable: bool = False  # the metric was not a finite number in [0, 1]
 
     def summary(self) -> str:
         """One line: the version registered and what it did to the champion alias."""
         head = f"registered {self.name} v{self.version} ({METRIC} {percent(self.metric)})"
         if self.already_registered:
             return f"{head}: already registered; nothing changed"
+        if self.unusable:
+            return (f"{head}: not a robust accuracy (a finite number in [0, 1]): registered without the "
+                    f"{ALIAS} alias, which stays" + (f" on v{self.previous_champion}" if self.previous_champion else ""))
         if self.moved:
             return f"{head}: the new champion" + (f" (was v{self.previous_champion}, {percent(self.previous_metric)})"
                                                   if self.previous_champion else "")
@@ -109,8 +124,31 @@ def model_name(cfg) -> str:
     return f"dard-{cfg.data.dataset}-{cfg.model.arch}"
 
 
-def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None = None) -> Promotion:
-    """Register the model logged in ``run_id`` (:func:`dard.tracking.log_model`) and move the alias if better."""
+def held_metric(client, run_id: str) -> float:
+    """The run's ``val_robust_acc`` at the epoch its logged model holds (``dard.selected_epoch``,
+    tagged by :func:`dard.tracking.log_model`): what promotion compares, not the last epoch's."""
+    from dard.tracking import SELECTED_EPOCH_TAG
+
+    run = client.get_run(run_id)
+    epoch = run.data.tags.get(SELECTED_EPOCH_TAG)
+    if epoch is None:
+        raise TrackingError(f"run {run_id}: no model logged by dard in it (no {SELECTED_EPOCH_TAG} tag); nothing to "
+                            "compare")
+    history = {m.step: m.value for m in client.get_metric_history(run_id, METRIC)}
+    if int(epoch) not in history:
+        raise TrackingError(f"run {run_id}: no {METRIC} at epoch {epoch}, the one its model holds; pass --metric")
+    return history[int(epoch)]
+
+
+def usable(metric) -> bool:
+    """A robust accuracy: a finite number in [0, 1]. Anything else never moves the champion."""
+    return isinstance(metric, (int, float)) and math.isfinite(metric) and 0 <= metric <= 1
+
+
+def promote(tracking_uri: str, run_id: str, cfg, name: str | None = None, metric: float | None = None) -> Promotion:
+    """Register the model logged in ``run_id`` (:func:`dard.tracking.log_model`) and move the alias
+    if better. ``metric`` None: the run's at the epoch its model holds (:func:`held_metric`). A metric
+    that is not a finite number in [0, 1] registers the version without the alias, and says so."""
     import mlflow
     client, _ = tracking_client(tracking_uri)
     name = name or model_name(cfg)
@@ -120,12 +158,14 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
         earlier = []
     if earlier:  # one run is one version: promoting it again (a resumed sweep) changes nothing
         v = earlier[0]
-        return Promotion(name, str(v.version), metric, None, None, moved=False, already_registered=True)
+        return Promotion(name, str(v.version), metric if metric is not None else float("nan"), None, None,
+                         moved=False, already_registered=True)
     run_tags = client.get_run(run_id).data.tags
     digest, logged = run_tags.get(MODEL_SHA256_TAG), run_tags.get(LOGGED_MODEL_TAG)
     if not digest or not logged:
         raise TrackingError(f"run {run_id}: no model logged by dard in it (no {MODEL_SHA256_TAG} or {LOGGED_MODEL_TAG} "
                             "tag: a run of an older dard, or one that ended before its model was logged): nothing to register")
+    metric = held_metric(client, run_id) if metric is None else metric
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
         version = mlflow.register_model(f"models:/{logged}", name).version
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
@@ -140,13 +180,64 @@ def promote(tracking_uri: str, run_id: str, metric: float, cfg, name: str | None
         previous, previous_metric = current.version, float(current.tags.get(METRIC, "nan"))
     except mlflow.exceptions.MlflowException:
         pass  # no champion yet
-    moved = previous is None or metric > previous_metric
+    valid = usable(metric)
+    moved = valid and (previous is None or not usable(previous_metric) or metric > previous_metric)
     client.set_model_version_tag(name, version, "champion_at_registration",
                                  "none" if previous is None else f"v{previous} ({METRIC} {percent(previous_metric)})")
     if moved:
         client.set_registered_model_alias(name, ALIAS, version)
+        if run_tags.get("mlflow.note.content"):  # the champion's card is the registered model's
+            client.update_registered_model(name, description=run_tags["mlflow.note.content"])
     client.set_model_version_tag(name, version, "promoted", str(moved).lower())
-    return Promotion(name, str(version), metric, previous, previous_metric, moved)
+    return Promotion(name, str(version), metric, previous, previous_metric, moved, unusable=not valid)
+
+
+def record_evaluation(tracking_uri: str, model_file, report, paths: dict) -> str:
+    """``dard evaluate`` of a registered model, recorded on that version: an evaluation run (in the
+    ``dard-evaluations`` experiment) holding the report's files and its accuracies as
+    ``test_<attack>_acc`` metrics linked to the version's logged model (its page shows them), the
+    accuracies with their sample counts as version tags (``dard.test.<attack>``), and the version's
+    card (and the registered model's, for the champion) rewritten with the test table. Returns the
+    evaluation run's id."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from dard.card import model_card
+    from dard.tracking import experiment_for, log_report_artifacts
+
+    name, number = model_file.header["registry"].rsplit(" v", 1)
+    client, uri = tracking_client(tracking_uri)
+    version = client.get_model_version(name, number)
+    run = client.create_run(experiment_for(client, uri, "dard-evaluations"), run_name=f"evaluate {name} v{number}",
+                            tags={"dard.evaluated": f"models:/{name}/{number}", "dard.model_run_id": str(version.run_id)})
+    run_id = run.info.run_id
+    log_report_artifacts(run_id, paths, uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"test_{a}_acc", float(v), now, 0, model_id=version.model_id)
+                                      for a, v in report.accuracy.items()])
+    for attack, value in report.accuracy.items():
+        client.set_model_version_tag(name, number, f"dard.test.{attack}", f"{value:.4f} ({report.samples[attack]} samples)")
+    client.set_model_version_tag(name, number, "dard.evaluation_run", run_id)
+    card = model_card(model_file, report.to_dict())
+    client.update_model_version(name, number, description=card)
+    if ALIAS in (client.get_registered_model(name).aliases or {}) and \
+            str(client.get_registered_model(name).aliases[ALIAS]) == str(number):
+        client.update_registered_model(name, description=card)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def registered(tracking_uri: str) -> list[dict]:
+    """Every registered model of the store: its name, versions and champion (version, metric)."""
+    client, _ = tracking_client(check_tracking_uri(tracking_uri, existing=True))
+    rows = []
+    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+        champion = (model.aliases or {}).get(ALIAS)
+        metric = client.get_model_version(model.name, champion).tags.get(METRIC) if champion else None
+        versions = client.search_model_versions(f"name = '{model.name}'")
+        rows.append({"name": model.name, "versions": len(versions), "champion": champion, METRIC: metric})
+    return rows
 
 
 def show(tracking_uri: str, name: str) -> list[dict]:

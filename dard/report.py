@@ -7,27 +7,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dard.logs import percent
+
 if TYPE_CHECKING:
     from dard.evaluate import Report
-
-
-def provenance(header: dict) -> dict:
-    """Where a report's numbers come from: the model file's sha256, its MLflow run (registry
-    models), this code's commit and version, the AutoAttack package's version, the date (UTC)."""
-    from datetime import datetime, timezone
-    from importlib.metadata import PackageNotFoundError, version
-
-    from dard.tracking import git_commit
-
-    def package(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    return {"model_sha256": header.get("sha256"), "run_id": header.get("run_id"), "commit": git_commit(),
-            "dard_version": package("dard"), "autoattack_version": package("pyautoattack"),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") -> dict[str, Path]:
@@ -89,7 +72,6 @@ def write_html(report: Report, paths: dict[str, Path], path: Path) -> Path:
         return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
     from dard.evaluate import CHECK_MARK
-    from dard.logs import percent
 
     e = html.escape
     rows = "".join(f"<tr><td>{e(n)}</td><td>{percent(a)}</td><td>{report.samples[n]}</td></tr>"

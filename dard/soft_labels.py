@@ -11,8 +11,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from dard.config import AttackConfig, DataConfig
 from dard.attacks.dpgd import dpgd_from_config
+from dard.config import AttackConfig, DataConfig
 from dard.data import Dataset, apply_augment, draw_augment, to_float
 from dard.seeding import part_generator
 from dard.shards.format import TEACHER_LABEL, TRUE_LABEL, rows_to_batches

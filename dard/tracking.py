@@ -15,10 +15,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from dard import __version__, lineage
+from dard.card import model_card
+from dard.config import to_dict
+from dard.files import atomic_write, exists, read_bytes
+from dard.modelfile import from_file
+
 DEFAULT_EXPERIMENT = "dard"
 CONFIG_ARTIFACT = "config.json"  # a run's whole config (a tag of 1-2 KB broke MLflow's pages)
 CONFIG_TAG = "dard.config"  # where runs of dard before 0.2 kept it; still read
 LOGGED_MODEL_TAG = "dard.logged_model_id"  # the MLflow model a run logged (what `promote` registers)
+SELECTED_EPOCH_TAG = "dard.selected_epoch"  # the epoch whose weights that model holds (what `promote` compares)
 
 
 class TrackingError(RuntimeError):
@@ -87,7 +94,6 @@ def client(uri: str | None = None):
         _READY.add(uri)
     return MlflowClient(tracking_uri=uri), uri
 
-
 _READY: set[str] = set()  # sqlite stores this process has seen created and migrated
 
 
@@ -136,8 +142,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def system_tags(cfg, teacher_sha256: str | None = None, shards_fingerprint: str | None = None) -> dict[str, str]:
-    from dard import __version__
+def system_tags(cfg) -> dict[str, str]:
+    """What every run of dard says of itself (its teacher and shards: :mod:`dard.lineage`, when its
+    model is logged)."""
 
     from mlflow.tracking.context.registry import resolve_tags
 
@@ -148,10 +155,6 @@ def system_tags(cfg, teacher_sha256: str | None = None, shards_fingerprint: str 
     commit = git_commit()
     if commit:
         tags["dard.git_commit"] = commit
-    if teacher_sha256:
-        tags["dard.teacher_sha256"] = teacher_sha256
-    if shards_fingerprint:
-        tags["dard.shards"] = shards_fingerprint
     return tags
 
 
@@ -195,7 +198,6 @@ class EpochLogger:
             experiment_id = experiment_for(self.client, uri, tracking.get("experiment") or DEFAULT_EXPERIMENT)
             run = self.client.create_run(experiment_id, run_name=tracking.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
-            from dard.config import to_dict
 
             params = flatten(to_dict(cfg))
             items = list(params.items())
@@ -204,7 +206,20 @@ class EpochLogger:
             # the exact config, for `dard registry promote --run-id` (params are flattened strings:
             # None, tuples and empty values do not come back from them)
             self.client.log_dict(self.run_id, to_dict(cfg), CONFIG_ARTIFACT)
-            self.client.log_inputs(self.run_id, datasets=[training_dataset(cfg)])
+
+    def logged_epochs(self) -> set[int]:
+        """The epochs (steps) this run already holds: a resumed run logs each epoch once."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
+
+    def backfill(self, history: list[dict]) -> list[int]:
+        """Log the epochs of ``history`` (the epochs a checkpoint committed) that the run lacks:
+        after a signal, a restart or a stopped trial every committed epoch is in MLflow once.
+        Returns the epochs logged."""
+        have = self.logged_epochs()
+        missing = [h for h in history if int(h["epoch"]) not in have]
+        for metrics in missing:
+            self.log(metrics, int(metrics["epoch"]))
+        return [int(h["epoch"]) for h in missing]
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         import time
@@ -218,44 +233,6 @@ class EpochLogger:
         self.client.set_terminated(self.run_id, status)
 
 
-def training_dataset(cfg):
-    """The run's training data as an MLflow dataset input (metadata only: name, source, a digest of
-    what selects its rows; the images stay where they are)."""
-    import hashlib
-
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
-    from dard.config import to_dict
-
-    data = to_dict(cfg)["data"]
-    source = CodeDatasetSource({"dataset": cfg.data.dataset,
-                                "location": cfg.data.data_dir or ("sklearn.datasets.load_digits"
-                                                                  if cfg.data.dataset == "digits" else "default")})
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-    dataset = MetaDataset(source, name=f"{cfg.data.dataset}-train", digest=digest)
-    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
-
-
-def run_note(mf) -> str:
-    """The headline of a model file (markdown): what it is, the epoch it holds, its validation
-    numbers, its classes and the input it takes."""
-    from dard.engine import validation_summary
-    from dard.logs import percent
-
-    cfg = mf.config
-    epoch, metrics = mf.meta.get("selected_epoch"), mf.meta.get("final_metrics") or {}
-    k = cfg.run.eval_pgd_steps
-    numbers = (f"{validation_summary(cfg, metrics)}, PGD-{k}+CW-{k} {percent(metrics['val_robust_acc'])}"
-               if "val_robust_acc" in metrics else "no validation metrics")
-    held = f", the weights of epoch {epoch} (of 0-{cfg.optim.epochs - 1})" if epoch is not None else ""
-    c, h, w = mf.input["shape"]
-    classes = ", ".join(mf.classes[:10]) + (f", ... ({len(mf.classes)} classes)" if len(mf.classes) > 10 else "")
-    return (f"{cfg.loss.method} {mf.arch} on {cfg.data.dataset}{held}: {numbers}. Input: float32 (N, {c}, {h}, {w}) "
-            f"{mf.input['channels']} pixels in [0, 1], trained for L-inf eps {cfg.attack.eps:.4g}. Classes: {classes}.")
-
-
 MODEL_ARTIFACT = "dard-model.pt"
 MODEL_SHA256_TAG = "dard.model_sha256"  # the logged weights file's digest; registration copies it, loading checks it
 
@@ -265,8 +242,6 @@ def resumable_run(tracking_uri: str, marker: str | Path) -> str | None:
     previous attempt at the same training), re-opened as RUNNING; None when there is none or the
     run is gone from the store."""
     from mlflow.exceptions import MlflowException
-
-    from dard.files import exists, read_bytes
 
     if not exists(marker):
         return None
@@ -282,7 +257,6 @@ def resumable_run(tracking_uri: str, marker: str | Path) -> str | None:
 
 def record_run(marker: str | Path, run_id: str, tracking_uri: str) -> None:
     """Write ``marker`` (a path or a storage URI) naming the MLflow run of a training, for a rerun."""
-    from dard.files import atomic_write
 
     atomic_write(marker, lambda f: f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}).encode()))
 
@@ -305,7 +279,8 @@ def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_
     ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` MLflow refuses any record of the archive that is
     not plain data; dard itself loads only the weights-only dard file logged beside it
     (``extra_files/dard-model.pt``, sha256 in the run's ``dard.model_sha256`` tag). Sets the run's
-    description to the model's headline numbers. Returns MLflow's ModelInfo."""
+    description to the model's card (:func:`dard.card.model_card`) and its tags and dataset inputs
+    to its lineage (:mod:`dard.lineage`). Returns MLflow's ModelInfo."""
     import tempfile
 
     import mlflow
@@ -313,11 +288,8 @@ def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_
     import torch
     from mlflow.models import infer_signature
 
-    from dard.files import read_bytes
-    from dard.modelfile import load
-
     store, _ = client(tracking_uri)
-    mf = load(str(model_path))
+    mf = from_file(str(model_path))
     step = mf.meta.get("selected_epoch")
     if example_input is None:
         example_input = torch.rand(2, *mf.input["shape"], generator=torch.Generator().manual_seed(0))
@@ -338,8 +310,15 @@ def log_model(run_id: str, model_path: str | Path, example_input=None, tracking_
                                         **({"step": int(step)} if step is not None else {}))
     store.set_tag(run_id, MODEL_SHA256_TAG, mf.sha256)
     store.set_tag(run_id, LOGGED_MODEL_TAG, info.model_id)
+    if step is not None:
+        store.set_tag(run_id, SELECTED_EPOCH_TAG, str(int(step)))
+    for key, value in lineage.tags(mf.meta).items():  # what it was made from: teacher, shards, data
+        store.set_tag(run_id, key, value)
+    datasets = lineage.inputs(mf.meta)
+    if datasets:
+        store.log_inputs(run_id, datasets=datasets)
     if mf.config is not None:
-        store.set_tag(run_id, "mlflow.note.content", run_note(mf))
+        store.set_tag(run_id, "mlflow.note.content", model_card(mf))
     return info
 
 
@@ -366,6 +345,10 @@ class TrainingRun:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.open().log(metrics, step)
+
+    def backfill(self, history: list[dict]) -> list[int]:
+        """:meth:`EpochLogger.backfill` for a resumed run's committed checkpoint."""
+        return self.open().backfill(history)
 
     def finish(self, model_path: str | Path) -> None:
         """Log the run's model (:func:`log_model`) and close it."""

@@ -23,10 +23,12 @@ from torch import nn
 from dard.checkpoint import (check_resumable, checkpoint_state, load_checkpoint, note_best, restore, save_checkpoint,
                              selected, selection_metric)
 from dard.config import Config, save_yaml, to_dict
-from dard.data import Dataset, Splits, TrainBatch, iterate_batches, num_batches, load_splits
+from dard.data import Dataset, Splits, TrainBatch, iterate_batches, load_splits, num_batches
 from dard.engine import epoch_line, place_model, resolve_device, run_epochs
+from dard.lineage import data_record, shards_record
 from dard.losses import NEEDS_TEACHER, needs_online_teacher, needs_teacher_adv
-from dard.models import build_for, file_sha256, load_teacher_for, save_for
+from dard.modelfile import save_for
+from dard.models import build_for, file_sha256, load_teacher_for
 from dard.seeding import epoch_generator, seed_everything
 from dard.shards import ShardSet, agreed, check_fingerprint, epoch_batches, rank_plan
 from dard.teacher import teacher_outputs
@@ -151,7 +153,7 @@ class Run:
     ``batches(epoch)`` yields this rank's :class:`TrainBatch` es, ``steps`` of them; ``val`` is the
     validation split on rank 0 (None elsewhere); ``teacher``/``shards`` say where the teacher's
     outputs come from (``{"arch", "sha256", "path"}``, ``{"directory", "fingerprint"}``) and are
-    recorded in every checkpoint and in the model file.
+    recorded in every checkpoint and in the model file, with ``data``, what the training split is.
     """
 
     cfg: Config
@@ -164,6 +166,7 @@ class Run:
     val: Dataset | None
     teacher: dict | None = None
     shards: dict | None = None
+    data: dict | None = None  # the training split's lineage record (dard.lineage.data_record), rank 0
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict | None = None  # the best epoch so far and its weights (dard.checkpoint.note_best)
@@ -180,7 +183,7 @@ class Run:
     def checkpoint(self, epoch: int, history: list[dict]) -> dict:
         """The checkpoint state after ``epoch`` (0-based, finished)."""
         return checkpoint_state(self.model, self.optimizer, self.scheduler, epoch, to_dict(self.cfg), history,
-                                {"teacher": self.teacher, "shards": self.shards, "best": self.best})
+                                {"teacher": self.teacher, "shards": self.shards, "data": self.data, "best": self.best})
 
     def epochs(self, on_epoch_end: Callable[[int, dict, list], None], **kwargs) -> list[dict]:
         """``dard.engine.run_epochs`` from ``start_epoch``, noting the best epoch before
@@ -212,7 +215,7 @@ def save_selected(path: str | Path, state: dict, cfg: Config, extra_meta: dict |
     meta = {"method": cfg.loss.method, "config": to_dict(cfg),
             "final_metrics": next((h for h in history if h.get("epoch") == epoch), {}), "selected_epoch": epoch,
             "last_metrics": history[-1] if history else {}, "teacher": extra.get("teacher"),
-            "shards": extra.get("shards"), **(extra_meta or {})}
+            "shards": extra.get("shards"), "data": extra.get("data"), **(extra_meta or {})}
     return save_for(path, model, cfg, meta), meta
 
 
@@ -245,7 +248,7 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
                              f"batch of {cfg.optim.batch_size}")
         made_by = checked.manifest["teacher"]
         teacher = {k: made_by.get(k) for k in ("arch", "sha256", "path")}
-        shard_info = {"directory": checked.directory, "fingerprint": checked.manifest.get("fingerprint")}
+        shard_info = shards_record(checked)
         # Everything else the teacher contributes is in the shards; an online teacher is the shards'
         # own file unless teacher_path names one, and must be the file they were built from.
         online = online_teacher_for(cfg, teacher_path or made_by.get("path"), device,
@@ -269,8 +272,10 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
         train = splits.train
         source = lambda epoch: online_batches(train, cfg, epoch, loaded, device)  # noqa: E731
         steps = num_batches(len(train), local, drop_last=len(train) > local)
-    return Run(cfg, model, optimizer, scheduler, device, with_online_teacher(source, online), steps,
-               splits.val if rank == 0 else None, teacher, shard_info)
+    # rank 0 validates on the first eval_limit samples: decoded once (a source's), kept for every epoch
+    val = splits.val.head(cfg.run.eval_limit) if rank == 0 else None
+    return Run(cfg, model, optimizer, scheduler, device, with_online_teacher(source, online), steps, val,
+               teacher, shard_info, data_record(cfg, splits.train) if rank == 0 else None)
 
 
 def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,

@@ -10,6 +10,7 @@ adversarial, each with prediction and confidence, and whether the attack flipped
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -19,6 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dard.attacks.registry import ATTACKS, AttackParams
+from dard.config import Config
+from dard.data import load_splits
+from dard.seeding import generator
 
 SAMPLE_TAG = "dard-dataset="
 
@@ -52,7 +58,6 @@ def _probe(path: Path) -> dict:
     return {"width": int(match.group(1)), "height": int(match.group(2)), "fps": float(fps.group(1)) if fps else 25.0,
             "comment": comment.group(1).strip() if comment else ""}
 
-
 MAX_FRAMES = 10_000  # a clip is held in memory at the decode size: bounded, and said so
 
 
@@ -73,8 +78,9 @@ def read_frames(path: str | Path, side: int | None = None) -> tuple[np.ndarray, 
         stream = stream.filter("crop", "min(iw,ih)", "min(iw,ih)").filter("scale", side, side, flags="area")
     else:
         height, width = info["height"], info["width"]
-    raw, _ = (stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=MAX_FRAMES + 1)
-              .run(cmd=ffmpeg_binary(), capture_stdout=True, capture_stderr=True))
+    with ffmpeg_reason(path):
+        raw, _ = (stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=MAX_FRAMES + 1)
+                  .run(cmd=ffmpeg_binary(), capture_stdout=True, capture_stderr=True))
     frames = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
         raise VideoError(f"{path}: the video stream has no frames")
@@ -94,10 +100,23 @@ def write_frames(path: str | Path, frames: np.ndarray, fps: float, comment: str 
     kwargs = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": 12, "r": fps}
     if comment:
         kwargs["metadata"] = f"comment={comment}"
-    (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", r=fps)
-     .output(str(path), **kwargs).overwrite_output()
-     .run(cmd=ffmpeg_binary(), input=np.ascontiguousarray(frames).tobytes(), capture_stdout=True, capture_stderr=True))
+    with ffmpeg_reason(path):
+        (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", r=fps)
+         .output(str(path), **kwargs).overwrite_output()
+         .run(cmd=ffmpeg_binary(), input=np.ascontiguousarray(frames).tobytes(), capture_stdout=True, capture_stderr=True))
     return path
+
+
+@contextlib.contextmanager
+def ffmpeg_reason(path: Path):
+    """ffmpeg's failure as one :class:`VideoError` carrying ffmpeg's own reason (its last line)."""
+    import ffmpeg
+
+    try:
+        yield
+    except ffmpeg.Error as err:
+        said = [line.strip() for line in (err.stderr or b"").decode(errors="replace").splitlines() if line.strip()]
+        raise VideoError(f"{path}: ffmpeg failed: {said[-1] if said else 'no reason given'}") from None
 
 
 def frames_to_inputs(frames: np.ndarray, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
@@ -117,9 +136,6 @@ def frames_to_inputs(frames: np.ndarray, channels: int, size: int | tuple[int, i
 def make_sample(path: str | Path, n_images: int = 24, frames_per_image: int = 2, size: int = 64, fps: float = 8,
                 seed: int = 0) -> tuple[Path, Path]:
     """A small clip of digits test images (each held ``frames_per_image`` frames) and its labels CSV."""
-    from dard.config import Config
-    from dard.data import load_splits
-    from dard.seeding import generator
 
     test = load_splits(Config.for_dataset("digits").data).test
     idx = torch.randperm(len(test), generator=generator(seed))[:n_images]
@@ -188,7 +204,6 @@ def run_video(input_path: str | Path, model_file, *, attack: str, out: str | Pat
     """Classify a clip natural and attacked; write the annotated MP4 and the per-frame CSV.
     ``model_file``: a :class:`dard.modelfile.ModelFile`; its input (channels, size) and, unless
     given, the eps and step it was trained for say how frames become inputs and how hard to attack."""
-    from dard.attacks.registry import ATTACKS, AttackParams
 
     if attack not in ATTACKS:
         raise VideoError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")

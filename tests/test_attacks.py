@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dard.attacks import (bim, ce_loss, cw_inf, dice_loss, dpgd, dpgd_inner_loss, fgsm, pgd,
-                          projected_gradient_attack, targeted_pgd, trades_pgd)
+from dard.attacks import (bim, ce_loss, cw_inf, dice_loss, dpgd, dpgd_inner_loss, fgsm, pgd, projected_gradient_attack,
+                          targeted_pgd, trades_pgd)
 from dard.attacks.autoattack import autoattack
 from dard.attacks.registry import ATTACKS, AttackParams
 from dard.config import EVAL_ATTACKS

@@ -230,8 +230,8 @@ def test_tampered_registry_entry_cannot_run_code(tmp_path, monkeypatch, capsys):
                       dataset="digits", meta={"config": cfg.to_dict()})
     logger = EpochLogger({"uri": uri, "experiment": "t"}, cfg)
     log_model(logger.run_id, path, torch.rand(2, 1, 8, 8), tracking_uri=uri)
-    p = promote(uri, logger.run_id, 0.5, cfg)
-    assert promote(uri, logger.run_id, 0.5, cfg).already_registered  # one run is one version
+    p = promote(uri, logger.run_id, cfg, metric=0.5)
+    assert promote(uri, logger.run_id, cfg, metric=0.5).already_registered  # one run is one version
     capsys.readouterr()  # MLflow's own registration messages
     marker = tmp_path / "pwned"
 

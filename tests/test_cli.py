@@ -72,3 +72,22 @@ def test_architecture_knobs_from_the_command_line():
 
     help_text = make_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
     assert re.search(r"--aa-limit AA_LIMIT .*\(default:\s+500\)", help_text, re.S)
+
+
+def test_every_option_says_what_it_is():
+    import argparse
+
+    from dard.cli import make_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.dest not in ("help", "version") and (not action.help or action.help.startswith("default:")):
+                missing.append(f"{path} {(action.option_strings or [action.dest])[-1]}")
+
+    walk(make_parser(), "dard")
+    assert not missing, missing

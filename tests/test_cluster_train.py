@@ -172,7 +172,6 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=240):
     """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
     ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does)."""
     import os
-    import signal as signals
     import time
 
     import ray
@@ -190,26 +189,46 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=240):
 
 
 def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path):
-    """SIGTERM to `dard train`: exit 143, the MLflow run KILLED, the Ray run's checkpoint kept for a
-    rerun. Ctrl-C (SIGINT to the process group) during `dard precompute` on Ray: exit 130, finished
-    parts kept, and the rerun completes the rest."""
+    """Ctrl-C (SIGINT to the process group) on `dard train`: exit 130 and one line; SIGTERM on its
+    rerun: 143 and one line; each closes the MLflow run KILLED and keeps the Ray run's checkpoints,
+    and the third run finishes with every epoch in MLflow exactly once. Ctrl-C during
+    `dard precompute` on Ray: exit 130, finished parts kept, and the rerun completes the rest."""
     import signal as signals
 
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "run" / "ray" / "sig"
-    code, out, err = _signal_when(
-        ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2", "--epochs", "50",
-         "--workers", "1",
-         "--name", "sig", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri,
-         "--set", "run.eval_limit=30"], signals.SIGTERM, lambda: any(storage.glob("checkpoint_*")))
-    assert code == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("dard train: terminated:") and "Traceback" not in err, err[-2000:]
+    epochs = 12
+    argv = ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2",
+            "--epochs", str(epochs), "--workers", "1", "--name", "sig", "--run-dir", str(tmp_path / "run"),
+            "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri, "--set", "run.eval_limit=30"]
     client = MlflowClient(tracking_uri=uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert [r.info.status for r in runs] == ["KILLED"]
-    assert any(storage.glob("checkpoint_*/checkpoint.pt")) and not (tmp_path / "s.pt").exists()
+
+    def runs():
+        return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+    seen: set = set()
+    for sig, code, said in ((signals.SIGINT, 130, "interrupted"), (signals.SIGTERM, 143, "terminated")):
+        before = set(seen)
+        got, out, err = _signal_when(argv, sig, lambda: bool(set(storage.glob("checkpoint_*")) - before),
+                                     group=sig == signals.SIGINT)
+        assert got == code, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(f"dard train: {said}:") and "Traceback" not in err, err[-2000:]
+        assert [r.info.status for r in runs()] == ["KILLED"]
+        seen |= set(storage.glob("checkpoint_*"))
+        assert any(storage.glob("checkpoint_*/checkpoint.pt")) and not (tmp_path / "s.pt").exists()
+    import os
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = runs()
+    assert run.info.status == "FINISHED" and (tmp_path / "s.pt").exists()
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == list(range(epochs)), steps  # every epoch once: none lost to a signal, none twice
 
     shards = tmp_path / "sh"
     argv = ["precompute", "--teacher", trained_models["teacher"]["model_path"], "--out", str(shards), "--views", "4",
@@ -219,11 +238,6 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     assert err.strip().splitlines()[-1].startswith("dard precompute: interrupted:") and "Traceback" not in err
     kept = len(list(shards.glob("part-*.json")))
     assert kept >= 1 and not (shards / "manifest.json").exists()
-    import os
-
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     import re
@@ -231,3 +245,40 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     # parts a worker was finishing when the driver stopped may land too: at least those counted are kept
     assert int(re.search(r"kept (\d+) finished ones", done.stdout).group(1)) >= kept, done.stdout
     assert (shards / "manifest.json").exists()
+
+
+def test_ddp_on_labeled_and_pool_shards_trains_pool_rows_on_the_teachers_labels(ray_session, tmp_path):
+    """2 workers on labeled + pool shards, half of every batch pool rows: a pool row's hard label is
+    the teacher's (here an untrained teacher, wrong on most rows), never the hidden true one."""
+    import numpy as np
+    import torch
+
+    from cluster.precompute import precompute
+    from cluster.train import train_distributed
+    from dard.config import Config
+    from dard.data import load_splits
+    from dard.data.splits import labeled_positions
+    from dard.models import build, load_model, save_model
+
+    register()
+    teacher = save_model(tmp_path / "t.pt", build("cnn_small", 10, 1), arch="cnn_small", num_classes=10, in_channels=1,
+                         dataset="digits")
+    cfg = Config.for_dataset("digits", data={"limit_train": 256, "labeled": 96, "pool_share": 0.5},
+                             attack={"steps": 1}, optim={"epochs": 1, "batch_size": 64},
+                             run={"eval_limit": 30, "out_dir": str(tmp_path), "progress": False})
+    precompute(cfg, teacher, str(tmp_path / "s"), views=1, rows_per_part=64, use_ray=False)
+    logs = tmp_path / "log"
+    logs.mkdir()
+    train_distributed(cfg, str(tmp_path / "s"), workers=2, name="pool", step_hook=WeightsLog(str(logs)))
+    # the hidden labels and the teacher's, by pool position
+    full = load_splits(cfg.updated(data={"labeled": None, "pool_share": None}).data).train
+    hidden = np.setdiff1d(np.arange(len(full)), labeled_positions(full.labels, 96, 0))
+    true = full.labels[hidden]
+    with torch.no_grad():
+        taught = load_model(teacher)[0](full.images[hidden].float() / 255).argmax(1)
+    steps = [json.loads(line) for rank in (0, 1) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 * ((96 + 160) // 64)
+    pool_rows = [(i, y) for s in steps for i, y, p in zip(s["rows"], s["labels"], s["pooled"]) if p]
+    assert all(sum(s["pooled"]) == 16 for s in steps)  # pool_share 0.5 of 32 rows per rank
+    assert all(y == int(taught[i]) for i, y in pool_rows)
+    assert sum(y != int(true[i]) for i, y in pool_rows) > len(pool_rows) / 2  # wrong labels, used as the teacher's

@@ -142,8 +142,9 @@ def test_fashion_mnist_wrong_files_are_refused_by_name(tmp_path):
 def test_fashion_mnist_real_files_installed_by_ci():
     """The real data set from Debian's dataset-fashion-mnist (.ci/run installs it): the published
     counts, all ten classes balanced, pixels spread over the 8-bit grid."""
-    from dard.data import FASHION_MNIST_DIR
     from pathlib import Path
+
+    from dard.data import FASHION_MNIST_DIR
 
     assert Path(FASHION_MNIST_DIR).is_dir(), (f"{FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist "
                                               "(bash .ci/run does)")

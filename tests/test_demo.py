@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cluster.demo import _cached_teacher, teacher_cache_dir
+from dard.cli import main
 from dard.config import teacher_config
 from dard.models import load_model
-from dard.cli import main
 
 pytestmark = pytest.mark.ray
 
@@ -39,8 +39,9 @@ def test_demo_quick_end_to_end_on_a_folder_of_images(ray_session, digits_png, tm
     table = (out / "results.md").read_text()
     assert "DARD" in table and "SAT" in table and "pgd20" in table and "natural" in table
     assert all(f"[{i}/7]" in printed for i in range(1, 8))
-    for name in ("teacher", "dard", "sat"):
-        assert (out / "reports" / f"{name}.html").exists()
+    for name in ("teacher", "dard", "sat"):  # one report path with `dard evaluate`: provenance, classes
+        page = (out / "reports" / f"{name}.html").read_text()
+        assert "model sha256" in page and "Classes (output order): 0, 1, 2" in page
     assert (out / "dard" / "model.pt").exists() and (out / "sat" / "model.pt").exists()
     assert "autoattack" in table and "not run on teacher" in table  # the students' headline, not the teacher's
     assert (out / "dard.log").exists()

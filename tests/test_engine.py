@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from dard.config import AttackConfig, LossConfig
-from dard.engine import NonFiniteLossError, resolve_device, train_epoch
 from dard.data import TrainBatch
+from dard.engine import NonFiniteLossError, resolve_device, train_epoch
 
 
 def test_device_resolution():

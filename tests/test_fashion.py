@@ -41,7 +41,7 @@ def test_a_folder_of_your_images_through_every_command(fashion_folder, ray_sessi
     assert "dataset: fashion-png" in printed and "source: folder:" + str(fashion_folder / "train") in printed
     assert "eps: 0.1" in printed and "crop_padding: 4" in printed  # the rule for 28x28 grey images
     assert main(["train-teacher", *slice_, "--arch", "cnn_small", "--method", "sat", "--epochs", "1",
-                 "--out", str(teacher)]) == 0
+                 "--out", str(teacher), "--tracking-uri", uri]) == 0
     assert main(["precompute", *slice_, "--teacher", str(teacher), "--out", str(shards), "--views", "1",
                  "--rows-per-part", "100"]) == 0
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -68,6 +68,24 @@ def test_a_folder_of_your_images_through_every_command(fashion_folder, ray_sessi
     report = json.loads(next(Path(tmp_path / "eval").glob("*.json")).read_text())
     assert report["samples"]["natural"] == 100 and 0 <= report["accuracy"]["pgd20"] <= report["accuracy"]["natural"]
     assert report["meta"]["dataset"] == "fashion-png" and report["meta"]["classes"] == sorted(NAMES)
+    # ... and its numbers reach the registered version: tags, metrics of an evaluation run, its card
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias("dard-fashion-png-cnn_small", "champion")
+    assert version.tags["dard.test.natural"].endswith("(100 samples)") and "dard.evaluation_run" in version.tags
+    evaluation = client.get_run(version.tags["dard.evaluation_run"])
+    assert {"test_natural_acc", "test_pgd20_acc"} <= set(evaluation.data.metrics)
+    assert "| PGD-20 |" in version.description and "Intended use" in version.description
+    assert "Limitations" in client.get_registered_model("dard-fashion-png-cnn_small").description
+    # lineage: the student's run names its teacher and shards (tags, dataset inputs), and walks back
+    run = client.get_run(version.run_id)
+    teacher_sha = __import__("dard.models", fromlist=["file_sha256"]).file_sha256(teacher)
+    assert run.data.tags["dard.teacher.sha256"] == teacher_sha and run.data.tags["dard.shards.digest"]
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests["fashion-png-shards"] == run.data.tags["dard.shards.digest"] and "fashion-png-train" in digests
+    capsys.readouterr()
+    assert main(["lineage", champion, "--tracking-uri", uri]) == 0
+    walked = capsys.readouterr().out
+    assert f"teacher: cnn_small sha256 {teacher_sha}" in walked and "its run " in walked and "shards: " in walked
     assert main(["export", "--model", champion, "--tracking-uri", uri, "--format", "onnx", "--limit", "50",
                  "--aa-limit", "5", "--out", str(tmp_path / "student.onnx")]) == 0
     assert json.loads(read_metadata(tmp_path / "student.onnx", "onnx")["dard.classes"]) == sorted(NAMES)

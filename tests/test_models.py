@@ -21,7 +21,8 @@ def test_output_shape_and_size(name, channels, size, low, high):
 
 def test_width_knob_scales_the_small_cnns_and_travels_in_the_model_file(tmp_path):
     from dard.config import Config, ConfigError
-    from dard.models import build_for, save_for
+    from dard.modelfile import save_for
+    from dard.models import build_for
 
     sizes = {}
     for width in (0.25, 0.5, 1.0):

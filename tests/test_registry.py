@@ -8,22 +8,26 @@ from dard.models import build, save_model
 from dard.registry import METRIC, show
 
 
-def logged_run(tmp_path, uri, metric: float, lr: float) -> str:
-    """An MLflow run as a training leaves it: its config as params, its METRIC, its model logged."""
+def logged_run(tmp_path, uri, metric: float, lr: float, later: float | None = None) -> str:
+    """An MLflow run as a training leaves it: its config as params, its METRIC per epoch, its model
+    (of epoch 0) logged; ``later``: a worse METRIC at epoch 1, which the model does not hold."""
     from dard.tracking import EpochLogger, log_model
 
     cfg = Config.for_dataset("digits", model={"arch": "cnn_small"}, optim={"lr": lr})
     path = save_model(tmp_path / f"m-{lr}.pt", build("cnn_small", 10, 1), arch="cnn_small", num_classes=10,
-                      in_channels=1, dataset="digits", meta={"config": cfg.to_dict()})
+                      in_channels=1, dataset="digits", meta={"config": cfg.to_dict(), "selected_epoch": 0})
     logger = EpochLogger({"uri": uri, "experiment": "t"}, cfg)
     logger.log({METRIC: metric}, step=0)
+    if later is not None:
+        logger.log({METRIC: later}, step=1)
     log_model(logger.run_id, path, torch.rand(2, 1, 8, 8), tracking_uri=uri)
     return logger.run_id
 
 
 def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first, worse, better = (logged_run(tmp_path, uri, m, lr) for m, lr in ((0.5, 0.1), (0.3, 0.2), (0.7, 0.3)))
+    first, worse, better = (logged_run(tmp_path, uri, m, lr, later) for m, lr, later in (
+        (0.5, 0.1, 0.2), (0.3, 0.2, None), (0.7, 0.3, None)))  # first: its last epoch is worse than the one it ships
     capsys.readouterr()
 
     def promote(run_id: str) -> str:
@@ -158,3 +162,19 @@ def test_a_logged_model_carries_the_metrics_of_the_epoch_it_holds(tmp_path):
     info = log_model(logger.run_id, path, torch.rand(2, 1, 8, 8), tracking_uri=uri)
     metrics = {m.key: (m.value, m.step) for m in mlflow.get_logged_model(info.model_id).metrics}
     assert metrics[METRIC] == (0.5, 1)
+
+
+def test_a_champion_only_from_a_robust_accuracy(tmp_path, capsys):
+    """NaN, infinite, negative or above-1 metrics register a version without the alias, and say so;
+    the champion stays."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "dard-digits-cnn_small"
+    runs = [logged_run(tmp_path, uri, 0.4, lr) for lr in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    assert main(["registry", "promote", "--run-id", runs[0], "--tracking-uri", uri]) == 0
+    for run, bad in zip(runs[1:], ("nan", "inf", "-0.5", "1.5")):
+        capsys.readouterr()
+        assert main(["registry", "promote", "--run-id", run, "--metric", bad, "--tracking-uri", uri]) == 0
+        said = capsys.readouterr().out
+        assert "not a robust accuracy" in said and "stays on v1" in said
+        assert [v["aliases"] for v in show(uri, name)][-1] == ["champion"]
+    assert [v["promoted"] for v in show(uri, name)] == ["false"] * 4 + ["true"]

@@ -46,8 +46,8 @@ def env_without_dard(tmp_path: Path) -> dict[str, str]:
 def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from dard.data import load_splits, to_float
     from dard.config import Config
+    from dard.data import load_splits, to_float
     from dard.registry import load_registered
 
     monkeypatch.chdir(tmp_path)

@@ -40,8 +40,9 @@ def sweep_args(env, name, *extra, epochs=6):
 
 
 def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
-    """One sweep, Ctrl-C after its first trial: exit 130, nothing registered; --resume runs the
-    other trial only, registers the champion, which then loads and evaluates by name."""
+    """One sweep, SIGTERM after its first trial: exit 143, its state sealed, nothing registered, its
+    parent run closed KILLED; --resume (the trials it started with, not others) runs the other
+    trial only, registers the champion, which then loads and evaluates by name."""
     from mlflow.tracking import MlflowClient
 
     from dard.registry import show
@@ -70,13 +71,12 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
             break
         time.sleep(2)
     time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("dard sweep: interrupted: sweep first interrupted after 1 of 2 trials; "
-                                            "nothing registered. Continue it with --resume --name first")
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("dard sweep: terminated:") and "Traceback" not in err, err[-2000:]
     parents, children = first_children()
-    assert len(parents) == 1 and parents[0].info.status == "RUNNING"  # not closed: the sweep is not over
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"  # closed as stopped; --resume reopens it
     assert not any(k.startswith("best.") for k in parents[0].data.tags)
     assert not client.search_registered_models()
     finished_before = {c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"}
@@ -97,6 +97,10 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     assert "changed, added or removed since the sweep stopped (first: tuner.pkl)" in capsys.readouterr().err
     assert not marker.exists()
     tuner_pkl.write_bytes(original)
+    other = list(args)
+    other[other.index("--trials") + 1] = "3"
+    assert main([*other, "--resume"]) == 2  # not the sweep it started as
+    assert "was started with 2 trials" in capsys.readouterr().err
 
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from dard.modelfile import load
+from dard.modelfile import from_file as load
 from dard.video import VideoError, make_sample, read_frames, run_video, write_frames
 
 

@@ -1,13 +1,13 @@
-"""`dard sweep`, `dard registry promote|show|load`, `dard ui` (registered via the dard.commands entry point)."""
+"""`dard sweep` (registered through the ``dard.commands`` entry point: the core CLI never imports Ray)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from cluster.ray_session import owns_ray
-from dard.cli import add_config_args, build_config
+from dard.cli import add_config_args, build_config, count
 from dard.config import METHODS
-from dard.files import is_uri
+from dard.files import check_destination, is_uri
 from dard.logs import percent, to_file
 from dard.registry import METRIC
 from dard.tracking import check_tracking_uri
@@ -18,6 +18,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from dard.registry import promote
     from tuning.sweep import sweep
 
+    if args.storage_path:
+        check_destination(args.storage_path, what="--storage-path", kind="folder", inputs=(args.shards,))
+    if args.run_dir:
+        check_destination(args.run_dir, what="--run-dir", kind="folder", local_only="it holds the trials' run "
+                          "folders and dard.log; the sweep's state takes --storage-path s3://...")
     cfg = build_config(args)
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
@@ -36,7 +41,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.no_promote and result.best_run_id:
         from tuning.space import apply
 
-        print(promote(uri, result.best_run_id, float(result.best_metrics[METRIC]), apply(cfg, result.best_params)).summary())
+        print(promote(uri, result.best_run_id, apply(cfg, result.best_params)).summary())  # the held epoch's metric
     return 0
 
 
@@ -45,14 +50,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p, method_default="dard", methods=METHODS)
     p.add_argument("--shards", required=True, help="shard directory (the sweep trains from shards)")
     p.add_argument("--space", default="dard-sat", help="preset (dard-sat, dard-trades, dard-default, rslad-like, wide, sat, trades, ard, rslad) or a YAML file")
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--workers-per-trial", type=int, default=1)
-    p.add_argument("--max-concurrent", type=int, help="default: GPUs // workers per trial, 1 without GPUs")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--trials", type=count(), help="trials (sampled points; default 12; a --resume continues the "
+                                                   "number the sweep started with)")
+    p.add_argument("--workers-per-trial", type=count(), default=1)
+    p.add_argument("--max-concurrent", type=count(), help="trials at once (default: GPUs // workers per trial, 1 without GPUs)")
+    p.add_argument("--grace-period", type=count(), default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--name", default="dard-sweep", help="sweep name; with --resume, the sweep to continue")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    p.add_argument("--storage-path", help="default <run dir>/sweeps")
-    p.add_argument("--run-dir")
+    p.add_argument("--storage-path", help="the sweep's state (a folder or s3://...; default <run dir>/sweeps)")
+    p.add_argument("--run-dir", help="the trials' run folders and dard.log (default runs/default)")
     p.add_argument("--address")
     p.add_argument("--tracking-uri")
     p.add_argument("--experiment", default="dard-sweeps")

@@ -22,9 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dard.config import Config, check_value, field_hints, from_dict
+from dard.config import Config, ConfigError, check_value, field_hints, from_dict, load_strict
+from dard.losses import ROBUST_TERMS
 
 # parameter -> (config section, key)
 PARAMETERS = {
@@ -37,7 +36,6 @@ PARAMETERS = {
 }
 LR_RANGE = {"type": "loguniform", "low": 0.02, "high": 0.8}
 WEIGHTS = ("w_adv", "w_rob", "w_nat")
-HARD_LABEL_SCALED = ("self", "label")  # robustness targets whose hard-label CE sets the loss scale
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tau, the three weights and the divergence; DPGD as configured.
@@ -108,9 +106,9 @@ def load_space(name_or_path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpaceError(f"unknown search space {text!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: not valid YAML ({err})") from err
+        raw = load_strict(path.read_text(), str(path))  # a parameter given twice is refused, not overwritten
+    except ConfigError as err:
+        raise SpaceError(str(err)) from err
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping of parameter -> distribution")
     return validate_space(raw)
@@ -180,7 +178,7 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
             section, key = PARAMETERS[name]
             raw[section][key] = value
     loss = raw["loss"]
-    if loss["method"] == "dard" and loss["rob_target"] not in HARD_LABEL_SCALED:
+    if loss["method"] == "dard" and not ROBUST_TERMS[loss["rob_target"]].hard_label_scaled:
         total = sum(loss[w] for w in WEIGHTS)
         if total <= 0:
             loss.update({"w_adv": 0.0, "w_rob": 1.0, "w_nat": 0.0})  # all-zero draw: fall back to w_rob only

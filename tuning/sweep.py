@@ -24,16 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.ray_session import cluster_has_gpus, ensure_ray
+from cluster.train import train_distributed
+from dard.checkpoint import load_checkpoint
 from dard.config import Config
 from dard.files import absolute, exists, make_dirs, read_bytes, within, write_bytes
 from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
-from dard.tracking import EpochLogger, check_tracking_uri, log_model
-from dard.tracking import client as tracking_client
+from dard.tracking import EpochLogger, check_tracking_uri, client as tracking_client, log_model
+from dard.training import open_shards, save_selected
 from tuning.sealed_state import check_sealed, seal
 from tuning.space import apply, load_space, to_tune, validate_space
 
 log = logging.getLogger("dard")
-PARENT_FILE = "mlflow_parent_run.json"
+PARENT_FILE = "mlflow_parent_run.json"  # the parent run's id and the planned number of trials
+DEFAULT_TRIALS = 12
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -91,15 +95,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mlflow.entities import Param
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.train import train_distributed
-
     params = dict(config)
     cfg = apply(ctx["run"], params)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = cfg.updated(run={"out_dir": ctx["trials_dir"] + "/" + trial_id})
-    tracker = EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
-                           "parent_run_id": ctx["parent_run_id"],
-                           "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
+    tracker = _trial_run(ctx, trial_id, cfg)
     tracker.client.log_batch(tracker.run_id, params=[Param(f"trial.{k}", str(v)) for k, v in params.items()])
     try:
         train_distributed(
@@ -117,7 +117,20 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     # the model is logged by the sweep driver for the best trial (see _log_best_model).
 
 
-def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, workers_per_trial: int = 1,
+def _trial_run(ctx: dict[str, Any], trial_id: str, cfg: Config) -> EpochLogger:
+    """The trial's MLflow child run: the one it opened before a --resume (reopened, so each epoch
+    is logged once, into one run per trial), or a new one."""
+    known = {r.data.tags.get("dard.trial_id"): r for r in child_runs(ctx["tracking_uri"], ctx["parent_run_id"])}
+    if trial_id in known:
+        logger = EpochLogger({"uri": ctx["tracking_uri"], "run_id": known[trial_id].info.run_id}, cfg)
+        logger.client.update_run(logger.run_id, status="RUNNING")
+        return logger
+    return EpochLogger({"uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "run_name": f"trial-{trial_id}",
+                        "parent_run_id": ctx["parent_run_id"],
+                        "tags": {"dard.trial_id": trial_id, "dard.sweep": ctx["name"]}}, cfg)
+
+
+def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int | None = None, workers_per_trial: int = 1,
           name: str = "dard-sweep", storage_path: str | None = None, tracking_uri: str | None = None,
           experiment: str = "dard-sweeps", resume: bool = False, address: str | None = None,
           max_concurrent: int | None = None, grace_period: int = 1, seed: int = 0,
@@ -127,11 +140,11 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     Everything that can be wrong with the inputs (space, config, shards, tracking URI) fails
     here, before any trial starts.
     """
-    from dard.training import open_shards
 
     space_dict = load_space(space) if isinstance(space, str) else validate_space(space)
     problems = [f"{flag}: must be >= 1, got {value}" for flag, value in (
-        ("--trials", trials), ("--workers-per-trial", workers_per_trial), ("--grace-period", grace_period),
+        ("--trials", trials if trials is not None else 1), ("--workers-per-trial", workers_per_trial),
+        ("--grace-period", grace_period),
         ("--max-concurrent", max_concurrent if max_concurrent is not None else 1)) if value < 1]
     if problems:
         raise ValueError("; ".join(problems))
@@ -144,73 +157,112 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     experiment_path = within(storage, name)
     if resume and not exists(experiment_path):
         raise FileNotFoundError(f"--resume: no sweep at {experiment_path}; run it once without --resume")
-
-    from cluster.ray_session import cluster_has_gpus, ensure_ray
+    parent_file = within(experiment_path, PARENT_FILE)
+    started = json.loads(read_bytes(parent_file)) if resume and exists(parent_file) else {}
+    if resume and trials is not None and started.get("trials") not in (None, trials):
+        raise ValueError(f"--trials {trials}: sweep {name} was started with {started['trials']} trials and --resume "
+                         f"continues it as it was; drop --trials or pass {started['trials']}")
+    trials = trials or started.get("trials") or DEFAULT_TRIALS
 
     ray = ensure_ray(address)
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
     if max_concurrent is None:
         max_concurrent = max(1, int(ray.cluster_resources().get("GPU", 0)) // workers_per_trial) if use_gpu else 1
     make_dirs(experiment_path)
-    parent_file = within(experiment_path, PARENT_FILE)
-    if resume and exists(parent_file):
-        parent_run_id = json.loads(read_bytes(parent_file))["run_id"]
+    if started.get("run_id"):
+        parent_run_id = started["run_id"]
+        tracking_client(uri)[0].update_run(parent_run_id, status="RUNNING")  # closed KILLED when it stopped
     else:
         parent = EpochLogger({"uri": uri, "experiment": experiment, "run_name": name,
                               "tags": {"dard.sweep": name, "dard.space": json.dumps(space_dict)[:5000]}}, cfg)
         parent_run_id = parent.run_id
-        write_bytes(parent_file, json.dumps({"run_id": parent_run_id}).encode())
+        write_bytes(parent_file, json.dumps({"run_id": parent_run_id, "trials": trials}).encode())
     ctx = {"run": cfg, "shards": checked, "workers": workers_per_trial, "use_gpu": use_gpu,
            "storage": experiment_path, "trials_dir": str(Path(cfg.run.out_dir).absolute() / "trials" / name),
            "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_run_id, "name": name,
            "cpus_per_worker": cpus_per_worker}
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     watcher = _ended_trials_callback()
+    tuner = _tuner(ctx, space_dict, watcher, resume=resume, storage=storage, trials=trials,
+                   max_concurrent=max_concurrent, grace_period=grace_period, seed=seed)
+    try:
+        grid = tuner.fit()
+    except BaseException:  # a signal (SIGTERM, Ctrl-C) or a failure: resumable, and said so
+        _stopped(experiment_path, uri, parent_run_id, cfg.optim.epochs)
+        raise
+    seal(experiment_path, tracking_client(uri)[0], parent_run_id)  # what a --resume may hand back to Tune
+    try:
+        return _settle(grid, cfg, ctx, watcher, trials)
+    except SweepInterrupted:
+        tracking_client(uri)[0].set_terminated(parent_run_id, "KILLED")
+        raise
+
+
+def _stopped(experiment_path: str, uri: str, parent_run_id: str, epochs: int) -> None:
+    """A sweep stopped inside Tune: its state sealed as Tune left it (so --resume can check and
+    hand it back), its trial runs and its parent run closed (--resume reopens what continues)."""
+    store = tracking_client(uri)[0]
+    if exists(within(experiment_path, "tuner.pkl")):
+        seal(experiment_path, store, parent_run_id)
+    _close_children(uri, parent_run_id, epochs)
+    if store.get_run(parent_run_id).info.status == "RUNNING":
+        store.set_terminated(parent_run_id, "KILLED")
+
+
+def _tuner(ctx: dict, space: dict, watcher, *, resume: bool, storage: str, trials: int, max_concurrent: int,
+           grace_period: int, seed: int):
+    """The Tuner of a new sweep, or of one restored from its (sealed, checked) folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg, name = ctx["run"], ctx["name"]
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
     if resume:
-        check_sealed(experiment_path, tracking_client(uri)[0], parent_run_id)  # before Tune unpickles anything
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=to_tune(space_dict))
+        check_sealed(ctx["storage"], tracking_client(ctx["tracking_uri"])[0], ctx["parent_run_id"])  # before Tune unpickles
+        tuner = tune.Tuner.restore(ctx["storage"], trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=to_tune(space))
         # Tuner.restore takes no run config; the restored one carries the last run's watcher.
-        restored = tuner._local_tuner.get_run_config()
+        from cluster.ray_private import restored_run_config  # imports Ray Train: after ensure_ray
+
+        restored = restored_run_config(tuner)
         restored.callbacks, restored.verbose = [watcher], tune_verbose
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune(space_dict),
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=max_concurrent,
-                # Optuna needs at least one distribution; an all-fixed space just runs that point.
-                search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space_dict.values()) else None,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
-                                        grace_period=min(grace_period, cfg.optim.epochs))),
-            # Tune's status table (every parameter, every few seconds) only with --verbose; the
-            # console gets the epoch lines and one line per finished trial (the watcher).
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[watcher],
-                                      verbose=tune_verbose,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
-    seal(experiment_path, tracking_client(uri)[0], parent_run_id)  # what a --resume may hand back to Tune
-    # Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped
-    # trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
-    # registered or closed, so `--resume` continues the same sweep.
-    # The trials that ran every epoch: a trial ASHA stopped early has an earlier-epoch score
-    # (not comparable) and no logged model. Told by the epoch the trial last reported, not by
-    # Tune's count of its reports: a trial interrupted and resumed reports only the epochs after
-    # its last checkpoint, and Tune's count can miss a report that Ctrl-C cut short.
+        return tuner
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune(space),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=max_concurrent,
+            # Optuna needs at least one distribution; an all-fixed space just runs that point.
+            search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space.values()) else None,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                                    grace_period=min(grace_period, cfg.optim.epochs))),
+        # Tune's status table (every parameter, every few seconds) only with --verbose; the
+        # console gets the epoch lines and one line per finished trial (the watcher).
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[watcher], verbose=tune_verbose,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+
+
+def _settle(grid, cfg: Config, ctx: dict, watcher, trials: int) -> SweepResult:
+    """What a sweep's grid comes to: the best trial that ran every epoch, its model logged, the
+    trial runs closed and the parent run summarised -- or, for a sweep stopped before every trial
+    ended, nothing: it raises and `--resume` continues it.
+
+    Ctrl-C: Tune stops gracefully, saves its state and returns the partial grid, the stopped
+    trials marked TERMINATED like finished ones. That is not a result: nothing is selected,
+    registered or closed. The trials that ran every epoch are told by the epoch they last
+    reported, not by Tune's count of reports: a trial interrupted and resumed reports only the
+    epochs after its last checkpoint, and Tune's count can miss a report that Ctrl-C cut short.
+    A trial ASHA stopped early has an earlier-epoch score (not comparable) and no logged model."""
+    uri, parent_run_id, name, experiment_path = ctx["tracking_uri"], ctx["parent_run_id"], ctx["name"], ctx["storage"]
     finished = [r for r in grid if r.metrics and r.metrics.get("epoch") == cfg.optim.epochs - 1
                 and OBJECTIVE in r.metrics]
     finished_ids = {r.metrics.get("trial_id") for r in finished}
     planned = max(trials, len(grid))
     ended = grid.num_terminated + grid.num_errors - len(watcher.live)
     if watcher.live or ended < planned:
-        # the unfinished ones stay open: --resume continues them
-        _close_children(uri, parent_run_id, finished_ids, kill_open=False)
+        _close_children(uri, parent_run_id, cfg.optim.epochs, finished_ids)  # --resume reopens the others
         raise SweepInterrupted(f"sweep {name} interrupted after {ended} of {planned} trials; nothing registered. "
                                f"Continue it with --resume --name {name}")
     if not finished:
@@ -221,7 +273,7 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
     best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
     best_params = dict(best.config)
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
-    _close_children(uri, parent_run_id, finished_ids)
+    _close_children(uri, parent_run_id, cfg.optim.epochs, finished_ids)
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
     if best_run_id:
         _log_best_model(uri, best_run_id, best.metrics["checkpoint_path"], apply(cfg, best_params),
@@ -234,44 +286,34 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int = 12, work
 def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config, out: str) -> None:
     """The best trial's student (its selected epoch, from its last checkpoint) to ``out`` and into
     its child run, logged as every training path logs its model."""
-    from dard.checkpoint import load_checkpoint
-    from dard.training import save_selected
 
-    path, _ = save_selected(out, load_checkpoint(within(checkpoint_path, "checkpoint.pt")), cfg)
+    state = load_checkpoint(within(checkpoint_path, "checkpoint.pt"))
+    # Tune may stop a trial between its last report and that epoch's MLflow line: the checkpoint's
+    # history fills what is missing, so the held epoch's metric is there to compare
+    EpochLogger({"uri": uri, "run_id": run_id}, cfg).backfill(state.get("history") or [])
+    path, _ = save_selected(out, state, cfg)
     log_model(run_id, path, tracking_uri=uri)
 
 
-def _newest_child_per_trial(runs: list) -> dict[str, Any]:
-    """trial id -> its newest child run (a trial re-run by ``--resume`` opens another one)."""
-    newest: dict[str, Any] = {}
-    for run in runs:
-        tid = run.data.tags.get("dard.trial_id")
-        if tid not in newest or run.info.start_time > newest[tid].info.start_time:
-            newest[tid] = run
-    return newest
-
-
-def _close_children(uri: str, parent_run_id: str, finished_trials: set[str], kill_open: bool = True) -> None:
-    """Final status of the trial runs: FINISHED for the newest run of each trial that ran every
-    epoch, KILLED for other runs still open (stopped by ASHA, or an execution that a resume
-    replaced).
+def _close_children(uri: str, parent_run_id: str, epochs: int, finished_trials: set | frozenset = frozenset()):
+    """Final status of the trial runs: FINISHED for each trial that ran every epoch (Tune's result
+    says so, or its run logged the last epoch), KILLED for the others still open (stopped by ASHA,
+    or by a signal: a --resume reopens those it continues).
 
     The sweep decides, not the trial: Tune stops a trial as soon as it reports its last epoch,
-    which can interrupt the trial function before its worker closes the run (it then closes
-    it KILLED)."""
+    which can interrupt the trial function before it could close its run."""
     client, _ = tracking_client(uri)
-    runs = child_runs(uri, parent_run_id)
-    done = {r.info.run_id for tid, r in _newest_child_per_trial(runs).items() if tid in finished_trials}
-    for run in runs:
-        if run.info.run_id in done and run.info.status != "FINISHED":
+    for run in child_runs(uri, parent_run_id):
+        done = run.data.tags.get("dard.trial_id") in finished_trials or run.data.metrics.get("epoch") == epochs - 1
+        if done and run.info.status != "FINISHED":
             client.set_terminated(run.info.run_id, "FINISHED")
-        elif kill_open and run.info.run_id not in done and run.info.status == "RUNNING":
+        elif not done and run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _child_run_for(uri: str, parent_run_id: str, trial_id: str | None) -> str | None:
-    run = _newest_child_per_trial(child_runs(uri, parent_run_id)).get(trial_id)
-    return run.info.run_id if run else None
+    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get("dard.trial_id") == trial_id]
+    return runs[0].info.run_id if runs else None
 
 
 def _summarise_parent(uri: str, parent_run_id: str, params: dict, metrics: dict, trials: int) -> None:

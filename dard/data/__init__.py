@@ -2,8 +2,7 @@
 local or object storage), their splits, the augmentation the shards record, and the batch every
 loss takes. Images are uint8 (N, C, H, W) on the 8-bit grid; model inputs float32 in [0, 1]."""
 from dard.data.arrays import ArrayDataset, Dataset, Splits, to_float
-from dard.data.augment import (AugmentParams, apply_augment, draw_augment, identity_augment, iterate_batches,
-                               num_batches)
+from dard.data.augment import AugmentParams, apply_augment, draw_augment, identity_augment, iterate_batches, num_batches
 from dard.data.batch import TrainBatch
 from dard.data.presets import FASHION_MNIST_DIR, DatasetNotFoundError
 from dard.data.resolve import is_resolved, resolve, resolve_section, source_config

@@ -28,8 +28,10 @@ class TrainBatch:
     online_teacher: nn.Module | None = None  # the teacher model, for losses that query it at new points
     label_weight: torch.Tensor | None = None
     index: torch.Tensor | None = None  # (B,) each row's sample in its split (what a step trained on)
+    pooled: torch.Tensor | None = None  # (B,) bool: a pool row (its index is in the pool, its label the teacher's)
 
     def to(self, device: torch.device) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TrainBatch(move(self.x), move(self.y), move(self.teacher_logits), move(self.x_teacher_adv),
-                          move(self.teacher_logits_adv), self.online_teacher, move(self.label_weight), self.index)
+                          move(self.teacher_logits_adv), self.online_teacher, move(self.label_weight), self.index,
+                          self.pooled)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from dard.config import Config, ConfigError, DataConfig, from_dict, to_dict
+from dard.config import Config, ConfigError, DataConfig, from_dict, teacher_config, to_dict
 from dard.data.sources import SourceError, first_shape, list_source, split_folders
 
 
@@ -75,7 +75,6 @@ def source_config(dataset: str, teacher: bool = False, **sections: dict[str, Any
     """A config for your own images: ``sections["data"]`` names the source; it is listed, its facts
     pinned, and the defaults of :func:`dard.config.source_defaults` (the teacher's with ``teacher``)
     applied under ``sections``."""
-    from dard.config import teacher_config
 
     data = resolve_section({"dataset": dataset, **(sections.get("data") or {})})
     sections = {**sections, "data": data}
@@ -85,6 +84,5 @@ def source_config(dataset: str, teacher: bool = False, **sections: dict[str, Any
         raise
     except (KeyError, TypeError) as err:  # a malformed section: let from_dict say which field
         raise ConfigError(str(err)) from err
-
 
 __all__ = ["resolve", "resolve_section", "is_resolved", "source_config", "fingerprint", "from_dict"]

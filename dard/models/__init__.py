@@ -4,23 +4,12 @@ from dard.models.io import ModelFileError, NonFiniteWeightsError, file_sha256, l
 from dard.models.registry import Normalize, available, build, count_parameters, knobs, unwrap
 
 __all__ = ["ModelFileError", "NonFiniteWeightsError", "Normalize", "available", "build", "build_for", "count_parameters",
-           "file_sha256", "load_model", "load_teacher", "load_teacher_for", "save_for", "save_model", "unwrap"]
+           "file_sha256", "load_model", "load_teacher", "load_teacher_for", "save_model", "unwrap", "arch_kwargs"]
 
 
 def build_for(model_cfg, data_cfg):
     """The configured architecture sized for the dataset of ``data_cfg`` (classes, input channels)."""
     return build(model_cfg.arch, data_cfg.num_classes, data_cfg.image_shape[0], **arch_kwargs(model_cfg))
-
-
-def save_for(path, model, cfg, meta: dict | None = None):
-    """:func:`save_model` for a model built by :func:`build_for` under the Config ``cfg`` (the same
-    facts, its class names and the input it takes); returns the path."""
-    from dard.modelfile import input_spec
-
-    return save_model(path, model, arch=cfg.model.arch, num_classes=cfg.data.num_classes,
-                      in_channels=cfg.data.image_shape[0], dataset=cfg.data.dataset,
-                      arch_kwargs=arch_kwargs(cfg.model), meta=meta, classes=list(cfg.data.class_names),
-                      input=input_spec(cfg))
 
 
 def load_teacher_for(path, data_cfg, arch: str | None = None, *, data: bytes | None = None):

@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dard.files import atomic_write, exists, is_uri, read_bytes
-from dard.files import sha256 as file_sha256
-
+from dard.files import atomic_write, exists, is_uri, read_bytes, sha256 as file_sha256
 from dard.models.registry import build, unwrap
 
 FORMAT = "dard-model/1"

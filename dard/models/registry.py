@@ -7,6 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dard.errors import unknown
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -42,8 +44,6 @@ def knob_problems(name: str, kwargs: dict[str, Any]) -> list[str]:
     unknown architecture or knob, a value of another type than the knob's default, and the
     architecture's own rule (its builder's ``check`` attribute: ``check(**kwargs) -> [why]``)."""
     if name not in _REGISTRY:
-        from dard.config import unknown
-
         return [f"arch: {unknown(name, available(), 'architecture')}"]
     known = knobs(name)
     out = [f"kwargs.{k}: {name} has no such knob; its knobs: {', '.join(known) or 'none'}"

@@ -2,7 +2,7 @@
 and the fields of a run that the rows depend on (docs/design.md §4).
 
 A part holds the rows of its samples for every view, view after view, as Arrow record batches of at
-most ``UNIT_ROWS`` rows of one view each: the *units* a training rank reads, checks (each unit's
+most ``UNIT_ROWS`` rows (and about ``UNIT_BYTES``) of one view each: the *units* a training rank reads, checks (each unit's
 content digest is in the manifest) and shuffles. Samples are planned into parts by a seeded
 permutation, so every part, and every unit, is a random sample of its split whatever the source's
 order (a folder's is class after class).
@@ -17,9 +17,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dard import __version__
+
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-UNIT_ROWS = 1024  # rows of one record batch: the unit a rank reads, verifies and shuffles
+UNIT_ROWS = 1024  # rows of one record batch: the unit a rank reads, verifies and shuffles ...
+UNIT_BYTES = 32 << 20  # ... at most, and no more than about 32 MB (224 px images: ~100 rows)
 KINDS = ("labeled", "pool")  # rows with their true label / rows labelled by the teacher (label_source)
 TRUE_LABEL, TEACHER_LABEL = 0, 1
 
@@ -47,9 +50,10 @@ def rows_to_batches(rows: dict[str, np.ndarray], image_shape: tuple[int, int, in
                     ) -> list[pa.RecordBatch]:
     """rows (view after view): index, view, label, label_source, confidence, crop_dx, crop_dy, flip
     (N,), x (N, H, W, C) uint8, delta (N, H, W, C) int8, t_nat/t_adv (N, K) float16 -> record
-    batches of at most ``UNIT_ROWS`` rows, each of one view."""
+    batches of :func:`unit_rows` rows at most, each of one view."""
     n = len(rows["index"])
     pixels = int(np.prod(image_shape))
+    per_unit = unit_rows(image_shape, num_classes)
     sch = schema(image_shape, num_classes)
 
     def fixed_binary(a: np.ndarray) -> pa.Array:
@@ -66,14 +70,20 @@ def rows_to_batches(rows: dict[str, np.ndarray], image_shape: tuple[int, int, in
     views = rows["view"]
     for v in np.unique(views):
         at = np.flatnonzero(views == v)
-        for s in range(0, len(at), UNIT_ROWS):
-            sel = at[s:s + UNIT_ROWS]
+        for s in range(0, len(at), per_unit):
+            sel = at[s:s + per_unit]
             arrays = [pa.array(rows[k][sel].astype(t)) for k, t in casts.items()]
             arrays += [fixed_binary(rows["x"][sel].astype(np.uint8)), fixed_binary(rows["delta"][sel].astype(np.int8)),
                        logits(rows["t_nat"][sel]), logits(rows["t_adv"][sel])]
             batches.append(pa.RecordBatch.from_arrays(arrays, schema=sch))
     assert sum(b.num_rows for b in batches) == n
     return batches
+
+
+def unit_rows(image_shape: tuple[int, int, int], num_classes: int) -> int:
+    """Rows of a unit: ``UNIT_ROWS``, fewer where that would exceed ``UNIT_BYTES``."""
+    row = 2 * int(np.prod(image_shape)) + 4 * num_classes + 24
+    return max(1, min(UNIT_ROWS, UNIT_BYTES // row))
 
 
 def batch_digest(batch: pa.RecordBatch) -> str:
@@ -84,7 +94,6 @@ def batch_digest(batch: pa.RecordBatch) -> str:
             if buf is not None:
                 h.update(memoryview(buf))
     return h.hexdigest()
-
 
 # What the rows depend on besides the teacher: the data (which samples, labeled or pooled, of which
 # source), the augmentation, and the attack that produced the DPGD views. A run must match all.
@@ -146,7 +155,6 @@ def manifest_fingerprint(manifest: dict[str, Any]) -> str:
 def make_manifest(*, dataset: str, split: str, teacher: dict, attack: dict, data: dict, views: int, num_classes: int,
                   class_names, image_shape, parts: list[dict], counts: dict[str, int], rows_per_part: int, seed: int,
                   plan_fingerprint: str, source_index: str | None) -> dict[str, Any]:
-    from dard import __version__
 
     return {"format_version": FORMAT_VERSION, "dataset": dataset, "split": split, "teacher": teacher,
             "attack": attack, "augmentation": {"crop_padding": data["crop_padding"], "flip": data["flip"]},

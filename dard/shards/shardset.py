@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dard.data import AugmentParams, apply_augment
 from dard.files import absolute, join, resolve
 from dard.shards.format import KINDS, PINNED_ATTACK, PINNED_DATA, TEACHER_LABEL, TRUE_LABEL, ShardError, plain
 from dard.shards.store import check_fingerprint, check_unit, read_manifest, verify
@@ -135,7 +136,6 @@ class ShardSet:
 
     def _match(self, kind: str, ds, padding: int) -> bool:
         """Whether every row of ``kind`` is the sample of ``ds`` it names."""
-        from dard.data import AugmentParams, apply_augment
 
         expected = TRUE_LABEL if kind == "labeled" else TEACHER_LABEL
         for p, entry in enumerate(self.manifest["parts"]):
@@ -185,13 +185,11 @@ def _pixels(column: pa.Array, image_shape: tuple[int, int, int], dtype) -> torch
 
 
 def open_reader(path: str) -> tuple[Any, pa.ipc.RecordBatchFileReader]:
-    """(the open file, a reader of the part at ``path``): memory-mapped on a local disk, ranged reads
-    from object storage (only the units asked for are fetched)."""
+    """(the open file, a reader of the part at ``path``): each unit asked for is read on its own (a
+    ranged read from object storage), into memory the rank frees once it has trained on it. (Not
+    memory-mapped: a mapping keeps every page it touched resident while the part stays open.)"""
     fs, local = resolve(path)
-    import pyarrow.fs as pafs
-
-    source = pa.memory_map(local, "r") if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(local)
+    source = fs.open_input_file(local)
     return source, pa.ipc.open_file(source)
-
 
 __all__ = ["ShardSet", "Unit", "VERIFICATIONS", "KINDS", "open_reader"]

@@ -63,7 +63,7 @@ class ShardBatch:
             usable = pooled & (self.confidence >= threshold) if pseudo_labels == "teacher" else torch.zeros_like(pooled)
             weight = (~pooled | usable).float()
         return TrainBatch(x, self.label.long(), teacher_logits=self.t_nat, x_teacher_adv=x_adv,
-                          teacher_logits_adv=self.t_adv, label_weight=weight, index=self.index)
+                          teacher_logits_adv=self.t_adv, label_weight=weight, index=self.index, pooled=pooled)
 
 
 class _Readers:
@@ -129,7 +129,7 @@ class KindStream:
             start = end
         return out
 
-    def rows(self, epoch: int, need: int) -> Iterator[dict[str, np.ndarray]]:
+    def rows(self, epoch: int, need: int) -> Iterator["_Window"]:
         """Shuffled windows of rows, ``need`` rows in all, for ``epoch``."""
         if need == 0:
             return
@@ -143,41 +143,71 @@ class KindStream:
         with ThreadPoolExecutor(1) as prefetch:
             ahead = prefetch.submit(self._load, readers, *windows[0]) if windows else None
             for k in range(len(windows)):
-                chunk = ahead.result()
+                window = ahead.result()
                 ahead = prefetch.submit(self._load, readers, *windows[k + 1]) if k + 1 < len(windows) else None
-                yield chunk
-                served += len(chunk["index"])
+                yield window
+                served += len(window)
                 if served >= need:
                     break
             if ahead is not None:
                 ahead.cancel()
 
-    def _load(self, readers: _Readers, p: int, w: int, segments: list) -> dict[str, np.ndarray]:
+    def _load(self, readers: _Readers, p: int, w: int, segments: list) -> "_Window":
         shape, classes = self.shards.image_shape, self.shards.num_classes
-        parts = [_columns(self.shards.read_unit(u, readers.get(u.part)), lo, hi, shape, classes)
-                 for u, lo, hi in segments]
-        rows = {name: np.concatenate([c[name] for c in parts]) for name in COLUMNS}
-        perm = np.random.default_rng([self.seed, self.stream_id, p, self.rank, w]).permutation(len(rows["index"]))
-        return {name: a[perm] for name, a in rows.items()}
+        files = {u.part: readers.get(u.part) for u, _, _ in segments}  # opened here: the cache is this thread's
+
+        def read(part: int) -> list[dict[str, np.ndarray]]:  # one part's units, in one thread
+            return [_columns(self.shards.read_unit(u, files[part]), lo, hi, shape, classes)
+                    for u, lo, hi in segments if u.part == part]
+
+        if len(files) > 1 and "://" in self.shards.directory:  # object storage: the window's parts' reads at once
+            with ThreadPoolExecutor(len(files)) as pool:
+                read_parts = dict(zip(files, pool.map(read, files)))
+        else:
+            read_parts = {part: read(part) for part in files}
+        taken = {part: iter(units) for part, units in read_parts.items()}
+        units = [next(taken[u.part]) for u, _, _ in segments]
+        sizes = [len(u["index"]) for u in units]
+        order = np.random.default_rng([self.seed, self.stream_id, p, self.rank, w]).permutation(sum(sizes))
+        return _Window(units, np.cumsum([0] + sizes), order)
+
+
+@dataclass
+class _Window:
+    """The units of one window as read (no copy), and the shuffled order their rows are served in."""
+
+    units: list[dict[str, np.ndarray]]
+    starts: np.ndarray  # first row of each unit within the window
+    order: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows (positions in the window), in that order, as one small array per column."""
+        unit = np.searchsorted(self.starts, rows, side="right") - 1
+        present = np.unique(unit)
+        where = np.concatenate([np.flatnonzero(unit == u) for u in present])
+        back = np.empty_like(where)
+        back[where] = np.arange(len(where))  # gathered unit by unit, then each row put back in its place
+        return {name: np.concatenate([self.units[u][name][rows[unit == u] - self.starts[u]] for u in present])[back]
+                for name in COLUMNS}
 
 
 def _batches_of(stream: KindStream, epoch: int, size: int, steps: int) -> Iterator[dict[str, np.ndarray]]:
-    """``steps`` batches of ``size`` rows from ``stream``'s epoch."""
-    buffer: list[dict[str, np.ndarray]] = []
-    held = 0
-    chunks = stream.rows(epoch, size * steps)
+    """``steps`` batches of ``size`` rows from ``stream``'s epoch, gathered from its windows."""
+    windows = stream.rows(epoch, size * steps)
+    window, at = None, 0
     for _ in range(steps):
-        while held < size:
-            chunk = next(chunks)
-            buffer.append(chunk)
-            held += len(chunk["index"])
-        rows = {name: np.concatenate([c[name] for c in buffer]) if len(buffer) > 1 else buffer[0][name]
-                for name in COLUMNS}
-        yield {name: a[:size] for name, a in rows.items()}
-        rest = {name: a[size:] for name, a in rows.items()}
-        held -= size
-        buffer = [rest] if held else []
-    chunks.close()
+        parts, wanted = [], size
+        while wanted:
+            if window is None or at == len(window):
+                window, at = next(windows), 0
+            take = min(wanted, len(window) - at)
+            parts.append(window.gather(window.order[at:at + take]))
+            at, wanted = at + take, wanted - take
+        yield parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in COLUMNS}
+    windows.close()
 
 
 @dataclass

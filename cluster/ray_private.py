@@ -1,0 +1,70 @@
+"""Every private Ray symbol dard relies on, named once, each with why (Ray 2.60, the version tested:
+``pyproject.toml`` bounds it). ``tests/test_ray_private.py`` checks that each still exists, so an
+upgrade that moves one fails there, by name, and not in a training run.
+
+Imported only once Ray is set up (:func:`cluster.ray_session.ensure_ray`): importing Ray Train
+fixes its auth mode.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+# DDP rendezvous through a file and gloo on loopback on a local cluster, and the node's cluster
+# interface across machines (cluster/rendezvous.py): Ray Train's TorchConfig has no hook for either,
+# so its backend is subclassed and its process-group setup called with our init method.
+from ray.train.torch.config import (_set_torch_distributed_env_vars as set_torch_distributed_env_vars,  # noqa: F401
+                                    _setup_torch_process_group as setup_torch_process_group,
+                                    _TorchBackend as TorchBackend)
+
+# name -> why; what tests/test_ray_private.py checks
+SYMBOLS = {
+    "ray.train.torch.config._TorchBackend": "subclassed for the loopback / node-interface rendezvous",
+    "ray.train.torch.config._setup_torch_process_group": "called with a file:// init method on one machine",
+    "ray.train.torch.config._set_torch_distributed_env_vars": "the env vars a rank needs, set as Ray Train does",
+    "ray.tune.Tuner._local_tuner": "Tuner.restore takes no RunConfig: the restored sweep's callbacks are set on it",
+    "ray.autoscaler._private.util.prepare_config": "validates the cluster YAMLs against Ray's schema (tests)",
+    "ray.autoscaler._private.util.validate_config": "validates the cluster YAMLs against Ray's schema (tests)",
+    "ray._private.runtime_env.packaging._dir_travel": "walks a job's working dir as Ray packages it (dard submit)",
+    "ray._private.runtime_env.packaging._get_excludes": "the runtime_env 'excludes' patterns, as Ray applies them",
+    "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": "the largest package Ray uploads",
+}
+
+
+def restored_run_config(tuner) -> Any:
+    """The RunConfig of a ``Tuner.restore``d sweep, whose callbacks and verbosity a resume sets."""
+    return tuner._local_tuner.get_run_config()
+
+
+def validate_cluster_config(raw: dict) -> None:
+    """Ray's own schema check of a ``ray up`` YAML (``ray up`` runs the same)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(raw))
+
+
+def package_files(working_dir: str, excludes: list[str] | None = None) -> list[tuple[str, int]]:
+    """The files Ray would put in a job's ``working_dir`` package -- its own walk, ``.gitignore`` and
+    ``.rayignore`` files and ``excludes`` patterns -- as (path relative to it, bytes), without
+    building the package. Also the largest package Ray accepts: :func:`package_limit`."""
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(working_dir).absolute()
+    found: list[tuple[str, int]] = []
+
+    def handler(path: Path) -> None:
+        if path.is_file():
+            found.append((str(path.relative_to(root)), path.stat().st_size))
+
+    quiet = logging.getLogger("dard.packaging")  # Ray logs every ignore file it meets at INFO
+    quiet.setLevel(logging.WARNING)
+    _dir_travel(root, [_get_excludes(root, excludes or [])], handler, include_gitignore=True, logger=quiet)
+    return found
+
+
+def package_limit() -> int:
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return GCS_STORAGE_MAX_SIZE
