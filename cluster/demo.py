@@ -81,7 +81,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, dataset: str = "digits", **kw) -> "DemoSettings":
         """Minutes -> about a minute: for the test suite and a first look."""
-        return cls.for_dataset(dataset, **{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 20, "eval_limit": 100,
+        return cls.for_dataset(dataset, **{"teacher_epochs": 3, "student_epochs": 2, "aa_limit": 10, "eval_limit": 60,
                                            "val_limit": 100, "limit_train": 512, **kw})
 
 # Fashion-MNIST on a CPU: 70k images of 28x28 cost ~50x a digits epoch, so the demo trains on a

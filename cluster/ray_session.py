@@ -36,6 +36,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         # nothing to watch on one machine and logs an ERROR line from its actor at every fit.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Train's controller polls its workers every 2 s by default, and a run's start, each restart
+        # and its end wait for a poll: a few seconds of every short local run (measured: a 1-epoch
+        # run 18.5 s -> 14.2 s). Polling a local process five times a second costs nothing.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         # Ray's own default for a new local cluster (a token in ~/.ray/auth_token), stated: left
         # unset, Ray warns on the console at every start that it chose it.
         os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -764,7 +764,10 @@ def main(argv: list[str] | None = None, registrars: list | None = None) -> int:
     import signal
 
     parser = make_parser(registrars)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad argument (2, its one line printed)
+        return stop.code if isinstance(stop.code, int) else 2
     logs.setup(args.verbose)
     if not args.verbose:  # MLflow's INFO lines (table creation, migrations) and artifact bars are not the user's business
         import os

@@ -10,6 +10,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 # The demo's teacher cache: one per test session, never the user's ~/.cache.
 os.environ.setdefault("DARD_CACHE", __import__("tempfile").mkdtemp(prefix="dard-cache-"))
+# How long a test waits on a subprocess or a condition before calling it a hang: a bound that no
+# loaded machine reaches (the suite's waits are on work; pyproject's pytest timeout guards the rest).
+HANG_S = 1200
 # Trainings log to MLflow by default: one store per test session, never ./mlflow.db nor the user's server.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{__import__('tempfile').mkdtemp(prefix='dard-mlflow-')}/mlflow.db"
 

@@ -18,7 +18,7 @@ import yaml
 from cluster.precompute import precompute
 from dard.cli import main
 from dard.models import NonFiniteWeightsError, build, save_model
-from tests.conftest import digits_config
+from tests.conftest import HANG_S, digits_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,13 +127,14 @@ def test_empty_splits_limits_and_mismatched_resume_are_errors(tmp_path, capsys):
         fails(["evaluate", "--model", out, *flags, "--out-dir", str(tmp_path / "ev")], capsys, needle)
     assert not (tmp_path / "ev").exists()
     fails([*base, "--set", "optim.grad_clip=-1"], capsys, "optim.grad_clip: must be > 0")  # -1 is gradient ascent
-    fails(["train", "--shards", str(tmp_path), "--workers", "0", "--max-failures", "-5", "--out", out], capsys,
-          "--workers: must be >= 1, got 0", "--max-failures: must be >= 0, got -5")
-    fails(["precompute", "--local", "--teacher", out, "--out", str(tmp_path / "sh"), "--batch", "0", "--views", "0"],
-          capsys, "--views: must be >= 1, got 0", "--batch: must be >= 1, got 0")
-    fails(["sweep", "--shards", str(tmp_path), "--workers-per-trial", "0", "--grace-period", "0",
-           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], capsys, "--workers-per-trial: must be >= 1",
-          "--grace-period: must be >= 1")
+    # counts are checked where they are parsed, each bad one named (argparse stops at the first)
+    train = ["train", "--shards", str(tmp_path), "--out", out]
+    precompute = ["precompute", "--local", "--teacher", out, "--out", str(tmp_path / "sh")]
+    sweep = ["sweep", "--shards", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    for argv, flag, value, rule in ((train, "--workers", "0", ">= 1"), (train, "--max-failures", "-5", ">= 0"),
+                                    (precompute, "--views", "0", ">= 1"), (precompute, "--batch", "0", ">= 1"),
+                                    (sweep, "--workers-per-trial", "0", ">= 1"), (sweep, "--grace-period", "0", ">= 1")):
+        fails([*argv, flag, value], capsys, f"{flag}: must be {rule}, got {value}")
     assert not (tmp_path / "sh").exists() and not (tmp_path / "m.db").exists()
 
 
@@ -209,7 +210,7 @@ def test_sigterm_stops_training_cleanly(tmp_path):
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].startswith("dard train-teacher: terminated") and "Traceback" not in err
     assert not out.exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HANG_S
 from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
@@ -168,7 +169,7 @@ def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3
     assert not list((tmp_path / "ray" / "altered").glob("checkpoint_*")) and not (tmp_path / "s.pt").exists()
 
 
-def _signal_when(argv, sig, ready, *, group=False, timeout=240):
+def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
     """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
     ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does)."""
     import os
@@ -184,7 +185,7 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=240):
         time.sleep(0.3)
     assert proc.poll() is None, proc.communicate()
     (os.killpg if group else os.kill)(proc.pid, sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_S)
     return proc.returncode, out, err
 
 
@@ -199,7 +200,7 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "run" / "ray" / "sig"
-    epochs = 12
+    epochs = 6
     argv = ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2",
             "--epochs", str(epochs), "--workers", "1", "--name", "sig", "--run-dir", str(tmp_path / "run"),
             "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri, "--set", "run.eval_limit=30"]

@@ -6,6 +6,7 @@ from dard.cli import main
 from dard.config import Config
 from dard.models import build, save_model
 from dard.registry import METRIC, show
+from tests.conftest import HANG_S
 
 
 def logged_run(tmp_path, uri, metric: float, lr: float, later: float | None = None) -> str:
@@ -94,7 +95,7 @@ def test_four_runs_starting_together_on_a_new_sqlite_store_all_succeed(tmp_path)
     procs = [ctx.Process(target=_one_run, args=(uri, i, results)) for i in range(4)]
     for p in procs:
         p.start()
-    outcome = dict(results.get(timeout=120) for _ in procs)
+    outcome = dict(results.get(timeout=HANG_S) for _ in procs)
     for p in procs:
         p.join(timeout=30)
     assert outcome == {i: "ok" for i in range(4)}, outcome

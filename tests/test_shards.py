@@ -13,7 +13,7 @@ from cluster.precompute import precompute
 from dard.data import AugmentParams, apply_augment, load_splits
 from dard.shards import ShardError, ShardSet, epoch_batches, rank_plan, read_manifest, verify
 from dard.shards.shardset import _pixels, open_reader
-from tests.conftest import digits_config, load
+from tests.conftest import HANG_S, digits_config, load
 
 EPS = 0.2
 
@@ -224,7 +224,7 @@ print(result.manifest["rows"], result.computed_parts)
 
 def test_dard_builds_shards_without_ray_or_cluster(teacher_path, tmp_path):
     run = subprocess.run([sys.executable, "-c", BUILD_WITHOUT_RAY, teacher_path, str(tmp_path / "s")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["40", "[0,", "1]"]
     assert verify(str(tmp_path / "s"))["rows"] == 40

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dard.cli import main
+from tests.conftest import HANG_S
 
 QUICK = ["--limit-train", "150", "--epochs", "2", "--steps", "2", "--no-progress"]
 
@@ -62,13 +63,15 @@ def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_pa
     run = client.get_run(student_run)
     tags = run.data.tags
     assert tags["mlflow.user"] and tags["mlflow.source.name"] and "dard.config" not in tags
-    assert tags["mlflow.note.content"].startswith("sat cnn_small on digits, the weights of epoch")
+    # the run's note is the model card: what it is for, and the numbers of the epoch it holds
+    assert tags["mlflow.note.content"].startswith("### cnn_small for digits, robust to L∞ perturbations of 0.2")
+    assert "**Validation** (the epoch it holds:" in tags["mlflow.note.content"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits-train"]
     assert json.loads(Path(client.download_artifacts(student_run, "config.json", str(tmp_path))).read_text())[
         "loss"]["method"] == "sat"
     version = client.get_model_version_by_alias("dard-digits-cnn_small", "champion")
     assert version.run_id in (teacher_run, student_run) and version.description.startswith(
-        ("sat cnn_small", "natural cnn_small"))
+        "### cnn_small for digits")
     # the model page: the metrics of the epoch whose weights the model holds
     model = client.get_logged_model(tags["dard.logged_model_id"])
     from dard.models import load_model
@@ -90,7 +93,7 @@ def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_pa
     np.save(tmp_path / "x.npy", x.numpy())
     script = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/dard-digits-cnn_small@champion'); "
               "np.save('pred.npy', m.predict(np.load('x.npy')).argmax(1))")
-    done = subprocess.run([python, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([python, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     dard_model, _ = load_registered("models:/dard-digits-cnn_small@champion", uri)
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 
 from dard.cli import main
 from dard.registry import METRIC
-from tests.conftest import digits_config
+from tests.conftest import HANG_S, digits_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
         parents = runs_named(client, "first")
         return parents, (child_runs(sweep_env["uri"], parents[0].info.run_id) if parents else [])
 
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_S
     while time.time() < deadline:  # interrupt once the first trial has finished
         parents, children = first_children()
         if any(c.data.metrics.get("epoch") == epochs - 1 for c in children):  # a trial logged its last epoch
@@ -72,7 +72,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
         time.sleep(2)
     time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
     proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("dard sweep: terminated:") and "Traceback" not in err, err[-2000:]
     parents, children = first_children()
