@@ -22,6 +22,8 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,15 +54,31 @@ def peak_of(device: torch.device) -> tuple[str, float | None]:
     return name, next((p for key, p in PEAK_BF16.items() if key in name), None)
 
 
+class _Flops(TorchDispatchMode):
+    """Sums the FLOPs of the matmuls and convolutions dispatched inside it, by torch's own formulas
+    (torch.utils.flop_counter's registry; its FlopCounterMode cannot count an attack: its module
+    hooks break ``autograd.grad`` on the input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 def step_flops(model: torch.nn.Module, batch, cfg) -> float:
     """FLOPs of one training step on ``batch`` (the attack's forward/backward passes, the loss and
     its backward), per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with _Flops() as counter:
         get_loss(cfg.loss.method)(model, batch, cfg.loss, cfg.attack).loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch.y)
+    return counter.total / len(batch.y)
 
 
 def sync(device: torch.device) -> None:

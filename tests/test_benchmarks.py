@@ -1,0 +1,42 @@
+"""The GPU check must run when a GPU is lent: its tiny size on the CPU, and its FLOP counter."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import HANG_S
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_flop_counter_counts_an_attack_and_its_update():
+    from benchmarks.gpu import _Flops
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    x = torch.rand(5, 8, requires_grad=True)
+    with _Flops() as counter:
+        g, = torch.autograd.grad(lin(x).sum(), x)  # the attack's input gradient: the forward and one backward mm
+    assert counter.total == 2 * (2 * 5 * 8 * 4)
+    with _Flops() as counter:
+        lin(x.detach() + g).sum().backward()  # the update: forward, weight gradient
+    assert counter.total == 2 * (2 * 5 * 8 * 4)
+
+
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--device", "cpu", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "gpu.json").read_text())
+    rows = {(r["arm"].split(" (")[0], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(a, m) for a in ("fp32", "bf16 + channels_last") for m in ("SAT", "DARD")}
+    assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows.values())
+    # DARD's step is SAT's plus the student's DPGD views and more passes: more FLOPs per image, same in every arm
+    for arm in ("fp32", "bf16 + channels_last"):
+        assert rows[arm, "DARD"]["gflops_per_image"] > rows[arm, "SAT"]["gflops_per_image"] > 0
+    assert result["precompute_images_per_s"] > 0
+    assert "| fp32 | SAT |" in (out / "gpu.md").read_text() and "| fp32 | SAT |" in proc.stdout
