@@ -11,7 +11,7 @@
 3. DDP scaling: Ray Train images/s with 1 and 2 workers (needs Ray; skipped without it).
 4. channels_last vs the default memory format on this device: PGD-10 SAT training steps at
    28x28 (batch 128) per architecture, interleaved rounds, and how far the two formats' logits
-   and updated weights differ. dard.engine.CHANNELS_LAST_CPU keeps the architectures where it wins.
+   and updated weights differ. dard.engine.place_model uses it where it wins (CHANNELS_LAST_CPU_MIN_CHANNELS).
 
 Every figure prints with the machine; ``--json`` writes them (and ``.md`` beside it for part 4).
 """

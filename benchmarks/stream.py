@@ -164,7 +164,7 @@ def consumed_rows_per_s(arch: str, batch: int = 64, steps: int = 2) -> float:
     from dard.engine import place_model
     from dard.models import build
 
-    model = place_model(build(arch, 10, 3), torch.device("cpu"), arch)
+    model = place_model(build(arch, 10, 3), torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     for i in range(steps + 1):

@@ -39,16 +39,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-# Architectures whose training is faster with channels_last weights on a CPU, measured side by side
-# (benchmarks/results/speed-channels-last.md); on CUDA every architecture uses it.
-CHANNELS_LAST_CPU = ("cnn_small", "cnn_medium", "cnn_large")
+# On a CPU channels_last trains faster once every convolution has 16 or more channels, and slower
+# on narrower ones (benchmarks/results/speed-channels-last.md); on CUDA it is used for every model.
+CHANNELS_LAST_CPU_MIN_CHANNELS = 16
 
 
-def place_model(model: nn.Module, device: torch.device, arch: str | None = None) -> nn.Module:
-    """On ``device``, with channels_last weights on CUDA and, for ``CHANNELS_LAST_CPU``, on a CPU
-    (faster convolutions; the same numbers within float rounding)."""
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """On ``device``, with channels_last weights on CUDA and, when its narrowest convolution has
+    ``CHANNELS_LAST_CPU_MIN_CHANNELS`` or more, on a CPU (the same numbers within float rounding)."""
     model = model.to(device)
-    faster = device.type == "cuda" or (device.type == "cpu" and arch in CHANNELS_LAST_CPU)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    faster = bool(convs) and (device.type == "cuda" or min(convs) >= CHANNELS_LAST_CPU_MIN_CHANNELS)
     return model.to(memory_format=torch.channels_last) if faster else model
 
 

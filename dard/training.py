@@ -233,7 +233,7 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
     """
     seed_everything(cfg.run.seed)  # the initial weights (DDP broadcasts rank 0's anyway)
     device = device or resolve_device(cfg.run.device)
-    model = place_model(build_for(cfg.model, cfg.data), device, cfg.model.arch)
+    model = place_model(build_for(cfg.model, cfg.data), device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     if cfg.optim.batch_size % world_size:

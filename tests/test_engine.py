@@ -1,10 +1,13 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from dard.config import AttackConfig, LossConfig
 from dard.data import TrainBatch
-from dard.engine import NonFiniteLossError, resolve_device, train_epoch
+from dard.engine import NonFiniteLossError, place_model, resolve_device, train_epoch
+from dard.models import build
 
 
 def test_device_resolution():
@@ -46,3 +49,22 @@ def test_train_epoch_reports_metrics():
     out = train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_cfg=LossConfig(method="sat"),
                       attack_cfg=AttackConfig(eps=0.1, step_size=0.05, steps=1), device=torch.device("cpu"))
     assert out["samples"] == 24 and out["steps"] == 3 and out["loss"] > 0 and "ce_adv" in out
+
+
+def test_channels_last_on_cpu_where_it_wins_and_the_same_training():
+    """Wide convolutions train in channels_last on a CPU, narrow ones in the default format; either
+    way the model computes the same logits and takes the same SGD step (within float rounding)."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    wide, narrow = build("cnn_small", 10, 1), build("cnn_small", 10, 1, width=0.25)
+    placed = place_model(copy.deepcopy(wide), cpu)
+    assert placed.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not place_model(copy.deepcopy(narrow), cpu).features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for model in (wide, placed):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+    for a, b in zip(wide.parameters(), placed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wide.eval()(x), placed.eval()(x), rtol=1e-5, atol=1e-6)
