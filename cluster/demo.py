@@ -34,7 +34,7 @@ from dard.evaluate import EvalSettings, Report, evaluate_file
 from dard.logs import LOG_FILE
 from dard.modelfile import from_file
 from dard.models import file_sha256
-from dard.registry import promote
+from dard.registry import load_reference, promote, record_evaluation
 from dard.report import write_report
 from dard.shards import ShardError, ShardSet
 from dard.tracking import EpochLogger, check_tracking_uri, log_model, log_report_artifacts
@@ -261,6 +261,9 @@ def _mlflow_stage(out: Path, uri: str, students: dict, reports: dict):
         log_model(logger.run_id, path, tracking_uri=uri)
         logger.close()
     promotion = promote(uri, students["dard"][2].run_id, students["dard"][1])  # the held epoch's metric
+    if not promotion.already_registered:  # its test-split numbers on the version and its card, as `dard evaluate` does
+        registered = load_reference(f"models:/{promotion.name}/{promotion.version}", uri)
+        record_evaluation(uri, registered, *reports["DARD"])
     _done(t, promotion.summary())
     return promotion
 

@@ -31,7 +31,7 @@ from cluster.ray_session import RayRunError, cluster_has_gpus, ensure_ray, error
 from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config
 from dard.engine import NonFiniteLossError, epoch_line
-from dard.files import absolute, within
+from dard.files import absolute, resolve, within
 from dard.logs import one_line
 from dard.shards import PeerShardError, ShardError, ShardSet
 from dard.tracking import EpochLogger
@@ -161,8 +161,6 @@ def committed_history(run_dir: str) -> list[dict]:
     """The epochs a Ray Train run (``<storage>/<name>``, a path or URI) has committed: the history
     of its newest checkpoint (Ray names them by time); empty when there is none yet."""
     import pyarrow.fs as pafs
-
-    from dard.files import resolve
 
     fs, base = resolve(run_dir)
     found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))

@@ -77,7 +77,7 @@ class Architecture:
     """Marks a field naming a registered model (``dard models``); the registry is read when checked."""
 
     def problem(self, v: str) -> str | None:
-        from dard.models import available  # local: models import config-free code only
+        from dard.models import available  # local: the models import torch; a config is read without it
 
         return None if v in available() else unknown(v, available(), "architecture")
 
@@ -375,7 +375,7 @@ def _section_problems(name: str, section: Any) -> list[str]:
 
 def _rule_problems(cfg: Config) -> list[str]:
     """The rules that tie fields together (types and bounds are the fields' own)."""
-    from dard.models.registry import available, knob_problems  # local: models import config-free code only
+    from dard.models.registry import available, knob_problems  # local: the models import torch; a config is read without it
 
     d, m, a, l = cfg.data, cfg.model, cfg.attack, cfg.loss
     out = []

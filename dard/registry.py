@@ -18,12 +18,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dard.card import model_card
 from dard.config import Config, from_dict
 from dard.logs import percent
 from dard.modelfile import ModelFile, from_file
 from dard.models import file_sha256, load_model
 from dard.tracking import (CONFIG_ARTIFACT, CONFIG_TAG, LOGGED_MODEL_TAG, MODEL_ARTIFACT, MODEL_SHA256_TAG,
-                           TrackingError, check_tracking_uri, client as tracking_client)
+                           SELECTED_EPOCH_TAG, TrackingError, check_tracking_uri, client as tracking_client,
+                           experiment_for, log_report_artifacts)
 
 ALIAS = "champion"
 METRIC = "val_robust_acc"
@@ -127,8 +129,6 @@ def model_name(cfg) -> str:
 def held_metric(client, run_id: str) -> float:
     """The run's ``val_robust_acc`` at the epoch its logged model holds (``dard.selected_epoch``,
     tagged by :func:`dard.tracking.log_model`): what promotion compares, not the last epoch's."""
-    from dard.tracking import SELECTED_EPOCH_TAG
-
     run = client.get_run(run_id)
     epoch = run.data.tags.get(SELECTED_EPOCH_TAG)
     if epoch is None:
@@ -202,9 +202,6 @@ def record_evaluation(tracking_uri: str, model_file, report, paths: dict) -> str
     import time
 
     from mlflow.entities import Metric
-
-    from dard.card import model_card
-    from dard.tracking import experiment_for, log_report_artifacts
 
     name, number = model_file.header["registry"].rsplit(" v", 1)
     client, uri = tracking_client(tracking_uri)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from dard.evaluate import CHECK_MARK, Report
 from dard.logs import percent
-
-if TYPE_CHECKING:
-    from dard.evaluate import Report
 
 
 def write_report(report: Report, out_dir: str | Path, stem: str = "robustness") -> dict[str, Path]:
@@ -70,8 +67,6 @@ def write_html(report: Report, paths: dict[str, Path], path: Path) -> Path:
             return ""
         data = base64.b64encode(Path(paths[key]).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
-
-    from dard.evaluate import CHECK_MARK
 
     e = html.escape
     rows = "".join(f"<tr><td>{e(n)}</td><td>{percent(a)}</td><td>{report.samples[n]}</td></tr>"

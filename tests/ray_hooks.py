@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 class WeightsLog:
-    """After every step each rank appends ``{epoch, step, digest, rows, labels, pooled}`` (a hash of
-    its trainable weights -- BN running stats are per rank by design --, the samples the step
-    trained on, their hard labels and which were pool rows) to ``<directory>/rank<r>.jsonl``. With
+    """After every step each rank appends ``{epoch, step, digest, rows, labels, pooled, verified}``
+    (a hash of its trainable weights -- BN running stats are per rank by design --, the samples the
+    step trained on, their hard labels, which were pool rows, and how many shard directories this
+    worker process verified in full) to ``<directory>/rank<r>.jsonl``. With
     ``kill_at_epoch`` the last rank then kills its own process once (``marker`` records it), halfway
     through that epoch: a hard worker death, as a lost node or an OOM kill would be. It waits
     ``delay_s`` first so the previous epoch's checkpoint is registered by the controller (a death
@@ -28,6 +29,7 @@ class WeightsLog:
     def __call__(self, *, rank: int, world: int, epoch: int, step: int, steps: int, model, rows=None, labels=None,
                  pooled=None) -> None:
         from dard.models import unwrap
+        from dard.shards import VERIFICATIONS
 
         log = Path(self.directory) / f"rank{rank}.jsonl"
         h = hashlib.sha256()
@@ -37,7 +39,8 @@ class WeightsLog:
             f.write(json.dumps({"epoch": epoch, "step": step, "digest": h.hexdigest()[:16],
                                 "rows": None if rows is None else rows.tolist(),
                                 "labels": None if labels is None else labels.tolist(),
-                                "pooled": None if pooled is None else pooled.tolist()}) + "\n")
+                                "pooled": None if pooled is None else pooled.tolist(),
+                                "verified": len(VERIFICATIONS)}) + "\n")
         if self.kill_at_epoch == epoch and rank == world - 1 and step == max(1, steps // 2) \
                 and not Path(self.marker).exists():
             Path(self.marker).write_text(f"killed rank {rank} at epoch {epoch}, step {step}")

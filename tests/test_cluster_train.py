@@ -82,10 +82,13 @@ class ListeningSockets:
 def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, s3_digits, tmp_path):
     from cluster.train import train_distributed
 
+    from dard.shards import VERIFICATIONS
+
     register()
     cfg = small_train_cfg(tmp_path, s3_digits)
     logs = tmp_path / "weights"
     logs.mkdir()
+    verified_before = len(VERIFICATIONS)
     with ListeningSockets() as sockets:
         result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1,
                                    out=str(tmp_path / "s.pt"),
@@ -93,6 +96,8 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     # a local run listens on loopback only: Ray's daemons, the DDP rendezvous and gloo included
     assert sockets.seen and not sockets.exposed, sockets.exposed
     assert (tmp_path / "killed").exists()  # the worker really died
+    # the shards were hashed once, on the driver; no worker (nor the restarted one) hashed them again
+    assert len(VERIFICATIONS) - verified_before == 1
     # resumed from the last checkpoint: every planned epoch once, none repeated or lost
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     assert result.metrics["world_size"] == 2 and result.metrics["nodes"] == 1 and 0 <= result.metrics["val_pgd_acc"] <= 1
@@ -108,6 +113,7 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     rank0 = [json.loads(l) for l in (logs / "rank0.jsonl").read_text().splitlines()]
     rank1 = [json.loads(l) for l in (logs / "rank1.jsonl").read_text().splitlines()]
     assert len(rank0) == len(rank1) > 12
+    assert {r["verified"] for r in rank0 + rank1} == {0}
     assert all(a["digest"] == b["digest"] for a, b in zip(rank0, rank1))  # DDP keeps the weights identical
     epochs = [r["epoch"] for r in rank0]
     assert epochs.count(0) == 4 and epochs.count(2) == 4  # epoch 0 not redone after the restart

@@ -50,6 +50,14 @@ def test_demo_quick_end_to_end_on_a_folder_of_images(ray_session, digits_png, tm
     assert "dard-digits-png-cnn_small" in printed
     # MLflow's artifacts beside its database, not in the working directory
     assert list((tmp_path / "mlruns").rglob("robustness/dard.json"))
+    # the champion's card and tags carry the attack suite's test numbers, with their sample counts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias("dard-digits-png-cnn_small", "champion")
+    assert version.tags["dard.test.autoattack"].endswith("(10 samples)") and "dard.evaluation_run" in version.tags
+    assert "| AutoAttack (standard) |" in version.description and "not evaluated yet" not in version.description
+    assert client.get_registered_model("dard-digits-png-cnn_small").description == version.description
     # a re-run reuses teacher, shards and students
     assert main(["demo", "--quick", *source, "--out", str(out), "--tracking-uri", uri]) == 0
     printed_again = capsys.readouterr().out

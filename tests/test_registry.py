@@ -53,7 +53,14 @@ def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, cap
 
     version = MlflowClient(tracking_uri=uri).get_model_version(name, "3")
     assert version.tags[METRIC] == "0.700000" and "dard.config" not in version.tags
-    assert load_registered(f"models:/{name}/3", uri)[1]["meta"]["config"]["optim"]["lr"] == 0.3
+    header = load_registered(f"models:/{name}/3", uri)[1]
+    assert header["meta"]["config"]["optim"]["lr"] == 0.3
+    # the file's header comes back whole (selected epoch, config, every field), plus where it was found
+    from dard.models import load_model
+
+    file_header = load_model(tmp_path / "m-0.3.pt")[1]
+    assert {k: v for k, v in header.items() if k not in ("run_id", "registry")} == file_header
+    assert header["run_id"] == better and header["registry"] == f"{name} v3"
     assert run_config(uri, better).optim.lr == 0.3
     assert main(["registry", "show", name, "--tracking-uri", uri]) == 0
     shown = capsys.readouterr().out

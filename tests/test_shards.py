@@ -304,3 +304,23 @@ def test_pool_rows_carry_the_teachers_labels_never_the_hidden_ones(teacher_path,
     assert torch.equal(labeled_only.label_weight, (batch.label_source == 0).float())
     confident = batch.to_train_batch("teacher", threshold=1.01)
     assert torch.equal(confident.label_weight, (batch.label_source == 0).float())
+
+
+def test_shards_are_hashed_once_where_a_run_starts_and_never_below(shard_dir, tmp_path, monkeypatch):
+    """A directory handed to a run is verified in full once (every part read and every unit digest
+    computed); the checked ShardSet it becomes is what ranks and sweep trials get, and building a
+    rank's run from it reads no part to check it again."""
+    import dard.shards.store as store
+    from dard.training import open_shards, prepare
+
+    digests = []
+    real = store.batch_digest
+    monkeypatch.setattr(store, "batch_digest", lambda batch: digests.append(batch.num_rows) or real(batch))
+    cfg = small_cfg(tmp_path).updated(loss={"method": "dard"})
+    units = sum(len(p["units"]) for p in read_manifest(str(shard_dir))["parts"])
+    checked = open_shards(str(shard_dir), cfg)  # the driver: every unit of every part, once
+    assert len(digests) == units
+    digests.clear()
+    for rank in (0, 1):
+        prepare(cfg, shards=checked, rank=rank, world_size=2)  # a DDP worker or a trial, given the ShardSet
+    assert digests == []

@@ -6,11 +6,11 @@ Inside a job Ray is joined through RAY_ADDRESS, which the job supervisor sets.
 """
 import sys
 
+from cluster.commands import register
+from dard.cli import main
+
 
 def run(command: str) -> None:
     """The `dard` subcommand ``command`` with this process's arguments. Its registrar is named
     here, not found through installed entry points: a job's working directory need not be installed."""
-    from cluster.commands import register
-    from dard.cli import main
-
     sys.exit(main([command, *sys.argv[1:]], registrars=[register]))
