@@ -375,7 +375,7 @@ def _section_problems(name: str, section: Any) -> list[str]:
 
 def _rule_problems(cfg: Config) -> list[str]:
     """The rules that tie fields together (types and bounds are the fields' own)."""
-    from dard.models.registry import available, knob_problems  # local: the models import torch; a config is read without it
+    from dard.models.registry import available, knob_problems  # local: the models import torch
 
     d, m, a, l = cfg.data, cfg.model, cfg.attack, cfg.loss
     out = []
