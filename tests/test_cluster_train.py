@@ -206,10 +206,14 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "run" / "ray" / "sig"
-    epochs = 12  # enough left after the first checkpoint that a signal always lands mid-training
+    # Enough training left after the first checkpoint that the signal lands mid-training on an idle
+    # machine too: epochs of 2-step PGD on 256 digits take 0.15 s there, shorter than the time a
+    # checkpoint takes to show in storage, and a run that ends first takes the signal in teardown.
+    epochs = 12
     argv = ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2",
             "--epochs", str(epochs), "--workers", "1", "--name", "sig", "--run-dir", str(tmp_path / "run"),
-            "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri, "--set", "run.eval_limit=30"]
+            "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri, "--set", "run.eval_limit=30",
+            "--set", "optim.steps_per_epoch=48"]
     client = MlflowClient(tracking_uri=uri)
 
     def runs():
