@@ -38,9 +38,9 @@ from dard.precompute import build_shards  # noqa: E402
 from dard.shards import ShardSet  # noqa: E402
 from dard.training import make_optimizer, shard_batches  # noqa: E402
 
-# Dense bf16 tensor-core peak (FLOP/s) by device name: the one reference every arm is measured
-# against, FP32 included (so its share shows what bf16 and channels_last leave on the table).
-# Dense bf16 tensor peaks by device-name substring, the first match wins (vendor datasheets, no sparsity)
+# Dense bf16 tensor-core peak (FLOP/s; vendor datasheets, no sparsity) by device-name substring,
+# the first match wins: the one reference every arm is measured against, FP32 included (so its
+# share shows what bf16 and channels_last leave on the table).
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "A10": 125e12}
 ARMS = {"fp32": {"amp": False, "channels_last": False, "compile": False},

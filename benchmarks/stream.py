@@ -14,8 +14,9 @@ Synthetic CIFAR-shaped shards (32x32x3 views and deltas, fp16 logits: 6.2 KB a r
   consumed, one thread each (a split waits for all), so its RSS is the process's: all ranks and
   Ray Data's driver side.
 
-Each records peak RSS, rows delivered per second, and bytes read (the process's I/O counters; for
-object storage, the bytes of the ranged GETs). Beside them: the rows per second one rank's student
+Each records peak RSS, rows delivered per second, and bytes read (the process's read() bytes;
+not measured for object storage, whose reads are socket reads, nor for Ray Data, which reads in
+Ray's workers). Beside them: the rows per second one rank's student
 consumes (a SAT PGD-10 step of ResNet-18 and of cnn_small at batch 64 on this CPU). The smallest
 size is also streamed from a fake S3 (moto on loopback). Writes ``benchmarks/results/stream.md``
 and ``.json``.
