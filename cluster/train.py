@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from cluster.fatal import fatal_channel, stop_everywhere
 from cluster.ray_session import RayRunError, cluster_has_gpus, ensure_ray, error_line
-from dard.checkpoint import load_checkpoint, save_checkpoint, selection_metric
+from dard.checkpoint import check_resumable, load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config
 from dard.engine import NonFiniteLossError, epoch_line
 from dard.files import absolute, resolve, within
@@ -157,17 +157,24 @@ def epochs_to_mlflow(tracking: dict, cfg: Config):
     return EpochsToMlflow()
 
 
-def committed_history(run_dir: str) -> list[dict]:
-    """The epochs a Ray Train run (``<storage>/<name>``, a path or URI) has committed: the history
-    of its newest checkpoint (Ray names them by time); empty when there is none yet."""
+def committed_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint of a Ray Train run (``<storage>/<name>``, a path or URI; Ray names
+    them by time, and resumes from the newest): ``(its file, its state)``, or None when there is none yet."""
     import pyarrow.fs as pafs
 
     fs, base = resolve(run_dir)
     found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     names = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     if not names:
-        return []
-    return list(load_checkpoint(within(run_dir, names[-1], CHECKPOINT_FILE)).get("history") or [])
+        return None
+    path = within(run_dir, names[-1], CHECKPOINT_FILE)
+    return path, load_checkpoint(path)
+
+
+def committed_history(run_dir: str) -> list[dict]:
+    """The epochs a Ray Train run has committed: its newest checkpoint's history (empty before the first)."""
+    found = committed_checkpoint(run_dir)
+    return list(found[1].get("history") or []) if found else []
 
 
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
@@ -220,11 +227,14 @@ def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, 
 
     check_scaling(workers, max_failures, cpus_per_worker, collective_timeout_s)
     checked = open_shards(shards, cfg, teacher_path)  # on the driver, once, before any worker starts
+    storage = run_storage(cfg, storage_path)
+    previous = committed_checkpoint(within(storage, name))
+    if previous:  # the same Ray run again: one under another config is refused here, before any worker starts
+        check_resumable(previous[1], cfg.to_dict(), previous[0])
     ray = ensure_ray(address)
     fatal = fatal_channel(ray)
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
-    storage = run_storage(cfg, storage_path)
     trainer = build_trainer(cfg, checked, fatal, workers=workers, use_gpu=use_gpu, storage=storage, name=name,
                             max_failures=max_failures, teacher_path=teacher_path, tracking=tracking,
                             cpus_per_worker=cpus_per_worker, placement_strategy=placement_strategy,

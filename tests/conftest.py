@@ -32,6 +32,14 @@ S3_PORT = _free_port()
 os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "test",
                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 
+import signal
+
+# A suite started in the background of a script (`nohup`, `&` without job control) inherits SIGINT
+# ignored, and so would every process it starts: the tests that send Ctrl-C to a command (as a
+# terminal does) need it delivered, so the suite takes Python's own handler back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest
 import torch
 

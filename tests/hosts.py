@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import HANG_S
+
 HOME = Path.home()
 TMP = Path("/tmp")
 # Inside a host, home and /tmp are the host's own folders; what the test needs from the real ones
@@ -121,7 +123,7 @@ class Host:
         self.popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
                    stderr=open(d / "sshd.log", "w"), start_new_session=True)
         probe = f"import socket; socket.create_connection(('{self.address}', 22), 1)"
-        deadline = time.time() + 20
+        deadline = time.time() + HANG_S
         while (probed := self.run([sys.executable, "-c", probe])).returncode != 0:
             if time.time() > deadline:
                 raise RuntimeError(f"host {self.name}: sshd not reachable ({probed.stderr.strip()[-300:]}); "

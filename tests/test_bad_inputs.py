@@ -206,7 +206,7 @@ def test_sigterm_stops_training_cleanly(tmp_path):
                              "--steps", "2", "--no-progress", "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE,
                             text=True)
     checkpoint = tmp_path / "t-run" / "checkpoint.pt"
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)

@@ -81,7 +81,6 @@ class ListeningSockets:
 
 def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards, s3_digits, tmp_path):
     from cluster.train import train_distributed
-
     from dard.shards import VERIFICATIONS
 
     register()
@@ -132,11 +131,14 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
         assert len(every) == len(set(every)) == 256  # 3 uneven parts, 2 ranks: every sample once
     first_try = [r["rows"] for r in rank0 if r["epoch"] == 1][:2]
     assert first_try == [r["rows"] for r in rank0 if r["epoch"] == 1][2:4]
-    # The same Ray run (storage, name) started again under another config is refused by the
-    # worker's resume (the rule `fit` applies), not silently continued; and at once: every rank
-    # reports the error, so Ray Train does not restart the group to fail the same way again.
+    # The same Ray run (storage, name) started again under another config is refused (the rule `fit`
+    # applies), not silently continued; on the driver, before any worker starts (a worker's error
+    # would come as RuntimeError "distributed training failed: ...")
+    from dard.checkpoint import CheckpointError
+
     other = small_train_cfg(tmp_path, s3_digits).updated(optim={"lr": 0.05})
-    with pytest.raises(RuntimeError, match=r"^distributed training failed: .*optim\.lr: 0\.4 in the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: --resume with a different config \(optim\.lr: 0\.4 "
+                                              r"in the checkpoint, 0\.05 now\)"):
         train_distributed(other, ray_shards, workers=2, name="ddp-fault", max_failures=2)
     # a loss that turns NaN under DDP stops every rank at the same step, decided on the reduced gradients
     diverging = small_train_cfg(tmp_path / "nan", s3_digits).updated(optim={"lr": 1e30})
@@ -151,6 +153,19 @@ def test_wrong_shards_fail_before_workers_start(ray_shards, s3_digits, tmp_path)
     cfg = small_train_cfg(tmp_path, s3_digits).updated(attack={"eps": 0.2, "step_size": 0.05})
     with pytest.raises(ShardError, match="attack.eps"):
         train_distributed(cfg, ray_shards, workers=2)
+
+
+def test_an_error_a_restart_would_repeat_reaches_the_driver_once(ray_session):
+    """What a worker does with an error in its set-up (a resume under another config after a
+    restart, a teacher it cannot read): the first message goes to the run's channel and every rank ends."""
+    from cluster.fatal import fatal_channel, stop_everywhere
+
+    fatal = fatal_channel(ray_session)
+    assert not stop_everywhere(None, 1, 0, fatal) and ray_session.get(fatal.get.remote()) is None
+    assert stop_everywhere(ValueError("first\nline two"), 1, 0, fatal)
+    assert stop_everywhere(ValueError("second"), 1, 0, fatal)
+    assert ray_session.get(fatal.get.remote()) == "first"  # the first, in one line
+    ray_session.kill(fatal)
 
 
 def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3_digits, tmp_path):
@@ -177,82 +192,95 @@ def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3
 
 def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
     """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
-    ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does)."""
+    ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does). Returns
+    (exit code, stdout, stderr, a timeline of the output for a failure's message: each line's time
+    from the start, and when the signal went). The output is read as it comes: a child that fills
+    a pipe nobody reads stops at its next write."""
     import os
+    import threading
     import time
 
     import ray
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
+    lines: dict[str, list] = {"out": [], "err": []}
+
+    def read(stream, into):
+        for line in stream:
+            into.append((time.time() - start, line))
+
+    readers = [threading.Thread(target=read, args=(stream, lines[name]), daemon=True)
+               for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    deadline = start + timeout
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
-    assert proc.poll() is None, proc.communicate()
-    (os.killpg if group else os.kill)(proc.pid, sig)
-    out, err = proc.communicate(timeout=HANG_S)
-    return proc.returncode, out, err
+    alive = proc.poll() is None
+    sent = time.time() - start
+    if alive:
+        (os.killpg if group else os.kill)(proc.pid, sig)
+    proc.wait(timeout=HANG_S)
+    for reader in readers:
+        reader.join(timeout=HANG_S)
+    timeline = "".join(f"{t:6.1f}s {name}: {line}" for name in ("out", "err") for t, line in lines[name][-40:])
+    timeline += f"signal {'sent' if alive else 'not sent: the run had ended'} at {sent:.1f}s; exit {proc.returncode}"
+    return proc.returncode, "".join(l for _, l in lines["out"]), "".join(l for _, l in lines["err"]), timeline
 
 
 def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path):
-    """Ctrl-C (SIGINT to the process group) on `dard train`: exit 130 and one line; SIGTERM on its
-    rerun: 143 and one line; each closes the MLflow run KILLED and keeps the Ray run's checkpoints,
-    and the third run finishes with every epoch in MLflow exactly once. Ctrl-C during
-    `dard precompute` on Ray: exit 130, finished parts kept, and the rerun completes the rest."""
+    """Ctrl-C (SIGINT to the process group) on `dard train`: exit 130 and one line, the MLflow run
+    closed KILLED, the Ray run's checkpoints kept; the rerun finishes with every epoch in MLflow
+    exactly once. SIGTERM (what a scheduler sends) to `dard precompute` on Ray: exit 143 and one
+    line, finished parts kept, and the rerun completes the rest. (SIGTERM on training takes the
+    same path as Ctrl-C, the fit running off the main thread: tests/test_bad_inputs.py sends it to
+    a training, tests/test_sweep.py to a sweep on Ray.)"""
+    import os
+    import re
     import signal as signals
 
+    import ray
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "run" / "ray" / "sig"
-    # Enough training left after the first checkpoint that the signal lands mid-training on an idle
-    # machine too: epochs of 2-step PGD on 256 digits take 0.15 s there, shorter than the time a
-    # checkpoint takes to show in storage, and a run that ends first takes the signal in teardown.
-    epochs = 12
+    # The signal goes within 0.3 s of the first checkpoint showing; 5 epochs of ~1 s each are left then
+    epochs = 6
     argv = ["train", "--shards", ray_shards, "--source", s3_digits, "--limit-train", "256", "--steps", "2",
             "--epochs", str(epochs), "--workers", "1", "--name", "sig", "--run-dir", str(tmp_path / "run"),
             "--out", str(tmp_path / "s.pt"), "--tracking-uri", uri, "--set", "run.eval_limit=30",
-            "--set", "optim.steps_per_epoch=48"]
+            "--set", "optim.steps_per_epoch=24"]
     client = MlflowClient(tracking_uri=uri)
 
     def runs():
         return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
-    seen: set = set()
-    for sig, code, said in ((signals.SIGINT, 130, "interrupted"), (signals.SIGTERM, 143, "terminated")):
-        before = set(seen)
-        got, out, err = _signal_when(argv, sig, lambda: bool(set(storage.glob("checkpoint_*")) - before),
-                                     group=sig == signals.SIGINT)
-        assert got == code, out[-1500:] + err[-1500:]
-        assert err.strip().splitlines()[-1].startswith(f"dard train: {said}:") and "Traceback" not in err, err[-2000:]
-        assert [r.info.status for r in runs()] == ["KILLED"]
-        seen |= set(storage.glob("checkpoint_*"))
-        assert any(storage.glob("checkpoint_*/checkpoint.pt")) and not (tmp_path / "s.pt").exists()
-    import os
-
-    import ray
-
+    code, out, err, timeline = _signal_when(argv, signals.SIGINT, lambda: any(storage.glob("checkpoint_*/")), group=True)
+    assert code == 130, timeline
+    assert err.strip().splitlines()[-1].startswith("dard train: interrupted:") and "Traceback" not in err, timeline
+    assert [r.info.status for r in runs()] == ["KILLED"]
+    assert any(storage.glob("checkpoint_*/checkpoint.pt")) and not (tmp_path / "s.pt").exists()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = runs()
     assert run.info.status == "FINISHED" and (tmp_path / "s.pt").exists()
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
-    assert steps == list(range(epochs)), steps  # every epoch once: none lost to a signal, none twice
+    assert steps == list(range(epochs)), steps  # every epoch once: none lost to the signal, none twice
 
     shards = tmp_path / "sh"
     argv = ["precompute", "--teacher", trained_models["teacher"]["model_path"], "--out", str(shards), "--views", "4",
             "--rows-per-part", "16", "--steps", "2", "--no-progress"]
-    code, out, err = _signal_when(argv, signals.SIGINT, lambda: any(shards.glob("part-*.json")), group=True)
-    assert code == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("dard precompute: interrupted:") and "Traceback" not in err
+    code, out, err, timeline = _signal_when(argv, signals.SIGTERM, lambda: any(shards.glob("part-*.json")))
+    assert code == 143, timeline
+    assert err.strip().splitlines()[-1].startswith("dard precompute: terminated:") and "Traceback" not in err, timeline
     kept = len(list(shards.glob("part-*.json")))
     assert kept >= 1 and not (shards / "manifest.json").exists()
     done = subprocess.run([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    import re
-
     # parts a worker was finishing when the driver stopped may land too: at least those counted are kept
     assert int(re.search(r"kept (\d+) finished ones", done.stdout).group(1)) >= kept, done.stdout
     assert (shards / "manifest.json").exists()

@@ -108,13 +108,13 @@ def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_pa
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline, ready = time.time() + 120, False
+        deadline, ready = time.time() + HANG_S, False
         while not ready and time.time() < deadline and server.poll() is None:
             try:
                 ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200
             except OSError:
                 time.sleep(0.5)
-        assert ready, server.stderr.read().decode()[-2000:] if server.poll() is not None else "no /ping in 120 s"
+        assert ready, server.stderr.read().decode()[-2000:] if server.poll() is not None else f"no /ping in {HANG_S} s"
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
                                          data=json.dumps({"inputs": x[:8].tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})

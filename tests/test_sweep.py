@@ -11,20 +11,25 @@ import pytest
 
 from dard.cli import main
 from dard.registry import METRIC
-from tests.conftest import HANG_S, digits_config
+from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def sweep_env(ray_session, trained_models, tmp_path_factory):
+def sweep_env(ray_session, trained_models, digits_png, tmp_path_factory):
+    """Shards of the digits as a folder of PNGs (your own images: the sweep registers under the
+    folder's name)."""
     from cluster.precompute import precompute
+    from dard.data import source_config
 
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = digits_config(tmp, attack={"steps": 2})
+    source = f"folder:{digits_png}"
+    cfg = source_config("digits-png", data={"source": source}, attack={"steps": 2},
+                        run={"out_dir": str(tmp), "progress": False})
     precompute(cfg, trained_models["teacher"]["model_path"], str(tmp / "shards"), views=1, use_ray=False)
-    return {"dir": tmp, "shards": str(tmp / "shards"), "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    return {"dir": tmp, "shards": str(tmp / "shards"), "uri": f"sqlite:///{tmp / 'mlflow.db'}", "source": source}
 
 
 def runs_named(client, name):
@@ -34,7 +39,7 @@ def runs_named(client, name):
 
 def sweep_args(env, name, *extra, epochs=6):
     # storage as a URI (file://, the code path of s3:// and gs://: Tune's state, the seal, the best model)
-    return ["sweep", "--shards", env["shards"], "--steps", "2", "--epochs", str(epochs),
+    return ["sweep", "--shards", env["shards"], "--source", env["source"], "--steps", "2", "--epochs", str(epochs),
             "--no-progress", "--name", name, "--tracking-uri", env["uri"], "--run-dir", str(env["dir"] / "run"),
             "--storage-path", (env["dir"] / "run" / "sweeps").as_uri(), "--set", "run.eval_limit=90", *extra]
 
@@ -104,7 +109,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
 
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "registered dard-digits-cnn_small v1" in out and "new champion" in out
+    assert "registered dard-digits-png-cnn_small v1" in out and "new champion" in out
     parents, children = first_children()
     assert len(parents) == 1  # the same parent run continues
     finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
@@ -120,16 +125,16 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     # the URI stayed a URI: the state and the best model are in the folder it names, no local "file:" folder
     assert (folder / "best-model.pt").is_file() and (folder / "dard-sealed-state.json").is_file()
     assert not (REPO / "file:").exists() and not any(p.name == "file:" for p in sweep_env["dir"].rglob("*"))
-    versions = show(sweep_env["uri"], "dard-digits-cnn_small")
+    versions = show(sweep_env["uri"], "dard-digits-png-cnn_small")
     assert versions[0]["aliases"] == ["champion"] and float(versions[0][METRIC]) > 0.02  # above an untrained student
     # a worse run leaves the alias alone: tests/test_registry.py (the same promote, by run id)
 
     # the champion loads by name and evaluates
-    assert main(["evaluate", "--model", "models:/dard-digits-cnn_small@champion", "--tracking-uri", sweep_env["uri"],
+    assert main(["evaluate", "--model", "models:/dard-digits-png-cnn_small@champion", "--tracking-uri", sweep_env["uri"],
                  "--attacks", "natural,pgd20", "--limit", "50", "--no-checks", "--no-progress",
                  "--out-dir", str(tmp_path / "eval")]) == 0
     assert "pgd20" in capsys.readouterr().out
-    assert main(["registry", "show", "dard-digits-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
+    assert main(["registry", "show", "dard-digits-png-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
     shown = capsys.readouterr().out
     assert "v1" in shown and "aliases=champion" in shown
 
