@@ -43,25 +43,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_dir:
         cfg = cfg.updated(run={"out_dir": args.run_dir})
     shards = open_shards(args.shards, cfg, args.teacher)  # checked once, here: no MLflow run, nothing written
-    to_file(cfg.run.out_dir)
-    from cluster.train import committed_history, run_storage
+    from cluster.train import checked_rerun, run_storage
     from dard.files import within
     from dard.tracking import check_tracking_uri, training_run
 
+    run_dir = within(run_storage(cfg, args.storage_path), args.name)
+    previous = checked_rerun(cfg, run_dir)  # a rerun under another config: refused here, as nothing is written
+    to_file(cfg.run.out_dir)
     uri = None if args.no_tracking else check_tracking_uri(args.tracking_uri)
     # One training = one MLflow run: a rerun of the same Ray run (after a crash, SIGKILL or Ctrl-C)
     # continues the run it started instead of opening a second one.
-    run_dir = within(run_storage(cfg, args.storage_path), args.name)
     with training_run(cfg, uri, experiment=args.experiment, run_name=args.name,
                       marker=within(run_dir, "mlflow_run.json")) as tracked:
-        committed = committed_history(run_dir) if tracked is not None else []
-        if committed:  # a rerun: the epochs its checkpoint committed, each in MLflow once
-            tracked.backfill(committed)
+        if previous and tracked is not None:  # a rerun: the epochs its checkpoint committed, each in MLflow once
+            tracked.backfill(list(previous[1].get("history") or []))
         result = train_distributed(cfg, shards, workers=args.workers, use_gpu=args.gpu, address=args.address,
                                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
                                    out=args.out, teacher_path=args.teacher,
                                    placement_strategy=args.placement.upper(), collective_timeout_s=args.collective_timeout,
-                                   tracking=None if tracked is None else {"uri": uri, "run_id": tracked.run_id})
+                                   tracking=None if tracked is None else {"uri": uri, "run_id": tracked.run_id},
+                                   rerun_checked=True)
         if tracked is not None:
             tracked.finish(result.model_path)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers on "

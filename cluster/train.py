@@ -171,10 +171,14 @@ def committed_checkpoint(run_dir: str) -> tuple[str, dict] | None:
     return path, load_checkpoint(path)
 
 
-def committed_history(run_dir: str) -> list[dict]:
-    """The epochs a Ray Train run has committed: its newest checkpoint's history (empty before the first)."""
-    found = committed_checkpoint(run_dir)
-    return list(found[1].get("history") or []) if found else []
+def checked_rerun(cfg: Config, run_dir: str) -> tuple[str, dict] | None:
+    """What running ``cfg`` as the Ray Train run ``run_dir`` (``<storage>/<name>``) would continue:
+    its newest checkpoint, or None for a new run. A checkpoint written under another config is
+    refused (:class:`dard.checkpoint.CheckpointError`), before anything starts or is written."""
+    previous = committed_checkpoint(run_dir)
+    if previous:
+        check_resumable(previous[1], cfg.to_dict(), previous[0])
+    return previous
 
 
 def run_storage(cfg: Config, storage_path: str | None = None) -> str:
@@ -209,7 +213,8 @@ def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, 
                       max_failures: int = 2, out: str | None = None, teacher_path: str | None = None,
                       tracking: dict | None = None, cpus_per_worker: float | None = None,
                       placement_strategy: str = "PACK", callbacks: list | None = None,
-                      step_hook: Callable | None = None, collective_timeout_s: int = 300) -> DistributedResult:
+                      step_hook: Callable | None = None, collective_timeout_s: int = 300,
+                      rerun_checked: bool = False) -> DistributedResult:
     """Fit the student with ``workers`` DDP workers from ``shards``; returns the final metrics and paths.
 
     ``use_gpu`` None: GPUs when the cluster has any. ``placement_strategy``: ``PACK`` (fewest nodes,
@@ -222,15 +227,15 @@ def train_distributed(cfg: Config, shards: str | ShardSet, *, workers: int = 2, 
     (:func:`dard.training.open_shards`), or a :class:`ShardSet` the caller checked; the workers
     get it as it is. ``collective_timeout_s``: how long a rank waits in a collective (a
     peer's host lost without a closed connection) before it fails and Ray Train restarts the group
-    (torch's default is 30 minutes).
+    (torch's default is 30 minutes). ``rerun_checked``: the caller has applied :func:`checked_rerun`
+    to this ``(storage, name)`` already.
     """
 
     check_scaling(workers, max_failures, cpus_per_worker, collective_timeout_s)
     checked = open_shards(shards, cfg, teacher_path)  # on the driver, once, before any worker starts
     storage = run_storage(cfg, storage_path)
-    previous = committed_checkpoint(within(storage, name))
-    if previous:  # the same Ray run again: one under another config is refused here, before any worker starts
-        check_resumable(previous[1], cfg.to_dict(), previous[0])
+    if not rerun_checked:  # the same Ray run again under another config: refused before any worker starts
+        checked_rerun(cfg, within(storage, name))
     ray = ensure_ray(address)
     fatal = fatal_channel(ray)
     if use_gpu is None:

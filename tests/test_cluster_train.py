@@ -231,7 +231,7 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
     return proc.returncode, "".join(l for _, l in lines["out"]), "".join(l for _, l in lines["err"]), timeline
 
 
-def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path):
+def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path, capsys):
     """Ctrl-C (SIGINT to the process group) on `dard train`: exit 130 and one line, the MLflow run
     closed KILLED, the Ray run's checkpoints kept; the rerun finishes with every epoch in MLflow
     exactly once. SIGTERM (what a scheduler sends) to `dard precompute` on Ray: exit 143 and one
@@ -263,6 +263,12 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     assert err.strip().splitlines()[-1].startswith("dard train: interrupted:") and "Traceback" not in err, timeline
     assert [r.info.status for r in runs()] == ["KILLED"]
     assert any(storage.glob("checkpoint_*/checkpoint.pt")) and not (tmp_path / "s.pt").exists()
+    # a rerun under another config: one line, exit 2, before MLflow or Ray; the interrupted run stays as it was
+    from dard.cli import main
+
+    assert main([*argv, "--set", "optim.lr=0.0123"]) == 2
+    assert "0.0123 now" in capsys.readouterr().err.splitlines()[-1]
+    assert [r.info.status for r in runs()] == ["KILLED"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
