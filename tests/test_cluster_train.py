@@ -193,8 +193,8 @@ def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3
 def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
     """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
     ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does). Returns
-    (exit code, stdout, stderr, a timeline of the output for a failure's message: each line's time
-    from the start, and when the signal went). The output is read as it comes: a child that fills
+    (exit code, stderr, a timeline of the output for a failure's message: each line's time from the
+    start, and when the signal went). The output is read as it comes: a child that fills
     a pipe nobody reads stops at its next write."""
     import os
     import threading
@@ -228,7 +228,7 @@ def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
         reader.join(timeout=HANG_S)
     timeline = "".join(f"{t:6.1f}s {name}: {line}" for name in ("out", "err") for t, line in lines[name][-40:])
     timeline += f"signal {'sent' if alive else 'not sent: the run had ended'} at {sent:.1f}s; exit {proc.returncode}"
-    return proc.returncode, "".join(l for _, l in lines["out"]), "".join(l for _, l in lines["err"]), timeline
+    return proc.returncode, "".join(line for _, line in lines["err"]), timeline
 
 
 def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path, capsys):
@@ -258,7 +258,7 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     def runs():
         return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
-    code, out, err, timeline = _signal_when(argv, signals.SIGINT, lambda: any(storage.glob("checkpoint_*/")), group=True)
+    code, err, timeline = _signal_when(argv, signals.SIGINT, lambda: any(storage.glob("checkpoint_*/")), group=True)
     assert code == 130, timeline
     assert err.strip().splitlines()[-1].startswith("dard train: interrupted:") and "Traceback" not in err, timeline
     assert [r.info.status for r in runs()] == ["KILLED"]
@@ -280,7 +280,7 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     shards = tmp_path / "sh"
     argv = ["precompute", "--teacher", trained_models["teacher"]["model_path"], "--out", str(shards), "--views", "4",
             "--rows-per-part", "16", "--steps", "2", "--no-progress"]
-    code, out, err, timeline = _signal_when(argv, signals.SIGTERM, lambda: any(shards.glob("part-*.json")))
+    code, err, timeline = _signal_when(argv, signals.SIGTERM, lambda: any(shards.glob("part-*.json")))
     assert code == 143, timeline
     assert err.strip().splitlines()[-1].startswith("dard precompute: terminated:") and "Traceback" not in err, timeline
     kept = len(list(shards.glob("part-*.json")))
