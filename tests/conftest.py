@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Keep any Ray a test starts on loopback and quiet, and job clients on token auth (docs/design.md §5).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -13,6 +14,7 @@ os.environ.setdefault("DARD_CACHE", __import__("tempfile").mkdtemp(prefix="dard-
 # How long a test waits on a subprocess or a condition before calling it a hang: a bound that no
 # loaded machine reaches (the suite's waits are on work; pyproject's pytest timeout guards the rest).
 HANG_S = 1200
+REPO = Path(__file__).resolve().parents[1]
 # Trainings log to MLflow by default: one store per test session, never ./mlflow.db nor the user's server.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{__import__('tempfile').mkdtemp(prefix='dard-mlflow-')}/mlflow.db"
 
@@ -65,12 +67,13 @@ def digits_test(digits_splits):
 
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory):
-    """cnn_small trained naturally and with TRADES (12 epochs each), and a TRADES cnn_large teacher."""
+    """cnn_small trained naturally and with TRADES (12 epochs each), and a TRADES cnn_medium teacher
+    (8x the student's parameters; as robust as cnn_large here at half its cost: benchmarks/results/test-teacher.md)."""
     from dard.training import fit
 
     out = {}
     for name, arch, method, epochs in [("natural", "cnn_small", "natural", 12), ("trades", "cnn_small", "trades", 12),
-                                       ("teacher", "cnn_large", "trades", 6)]:
+                                       ("teacher", "cnn_medium", "trades", 6)]:
         tmp = tmp_path_factory.mktemp(name)
         cfg = digits_config(tmp, model={"arch": arch}, loss={"method": method}, optim={"epochs": epochs})
         out[name] = fit(cfg)
@@ -138,6 +141,48 @@ def s3_digits(bucket):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda kv: s3.put_object(Bucket="dard", Key=f"digits-png/{kv[0]}", Body=kv[1]), files.items()))
     return f"folder:{bucket}/digits-png"
+
+
+def signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
+    """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
+    ``ready(its stdout so far)`` holds (to the whole group with ``group``: what Ctrl-C in a terminal
+    does). Returns (exit code, stderr, a timeline of the output for a failure's message: each
+    line's time from the start, and when the signal went). The output is read as it comes: a child
+    that fills a pipe nobody reads stops at its next write."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import ray
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: dict[str, list] = {"out": [], "err": []}
+
+    def read(stream, into):
+        for line in stream:
+            into.append((time.time() - start, line))
+
+    readers = [threading.Thread(target=read, args=(stream, lines[name]), daemon=True)
+               for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    deadline = start + timeout
+    while not ready("".join(line for _, line in lines["out"])) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    alive = proc.poll() is None
+    sent = time.time() - start
+    if alive:
+        (os.killpg if group else os.kill)(proc.pid, sig)
+    proc.wait(timeout=HANG_S)
+    for reader in readers:
+        reader.join(timeout=HANG_S)
+    timeline = "".join(f"{t:6.1f}s {name}: {line}" for name in ("out", "err") for t, line in lines[name][-40:])
+    timeline += f"signal {'sent' if alive else 'not sent: the run had ended'} at {sent:.1f}s; exit {proc.returncode}"
+    return proc.returncode, "".join(line for _, line in lines["err"]), timeline
 
 
 @pytest.fixture(scope="session")

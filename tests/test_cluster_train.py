@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HANG_S
+from tests.conftest import signal_when
 from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
@@ -91,7 +91,8 @@ def test_ddp_two_workers_sync_checkpoint_and_survive_a_killed_worker(ray_shards,
     with ListeningSockets() as sockets:
         result = train_distributed(cfg, ray_shards, workers=2, name="ddp-fault", max_failures=1,
                                    out=str(tmp_path / "s.pt"),
-                                   step_hook=WeightsLog(str(logs), kill_at_epoch=1, marker=str(tmp_path / "killed")))
+                                   step_hook=WeightsLog(str(logs), kill_at_epoch=1, marker=str(tmp_path / "killed"),
+                                                       run_dir=str(tmp_path / "ray" / "ddp-fault")))
     # a local run listens on loopback only: Ray's daemons, the DDP rendezvous and gloo included
     assert sockets.seen and not sockets.exposed, sockets.exposed
     assert (tmp_path / "killed").exists()  # the worker really died
@@ -190,47 +191,6 @@ def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3
     assert not list((tmp_path / "ray" / "altered").glob("checkpoint_*")) and not (tmp_path / "s.pt").exists()
 
 
-def _signal_when(argv, sig, ready, *, group=False, timeout=HANG_S):
-    """Run ``dard ARGV`` in its own process group on the session's Ray; send ``sig`` once
-    ``ready()`` holds (to the whole group with ``group``: what Ctrl-C in a terminal does). Returns
-    (exit code, stderr, a timeline of the output for a failure's message: each line's time from the
-    start, and when the signal went). The output is read as it comes: a child that fills
-    a pipe nobody reads stops at its next write."""
-    import os
-    import threading
-    import time
-
-    import ray
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *argv], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: dict[str, list] = {"out": [], "err": []}
-
-    def read(stream, into):
-        for line in stream:
-            into.append((time.time() - start, line))
-
-    readers = [threading.Thread(target=read, args=(stream, lines[name]), daemon=True)
-               for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
-    for reader in readers:
-        reader.start()
-    deadline = start + timeout
-    while not ready() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-    alive = proc.poll() is None
-    sent = time.time() - start
-    if alive:
-        (os.killpg if group else os.kill)(proc.pid, sig)
-    proc.wait(timeout=HANG_S)
-    for reader in readers:
-        reader.join(timeout=HANG_S)
-    timeline = "".join(f"{t:6.1f}s {name}: {line}" for name in ("out", "err") for t, line in lines[name][-40:])
-    timeline += f"signal {'sent' if alive else 'not sent: the run had ended'} at {sent:.1f}s; exit {proc.returncode}"
-    return proc.returncode, "".join(line for _, line in lines["err"]), timeline
-
-
 def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trained_models, tmp_path, capsys):
     """Ctrl-C (SIGINT to the process group) on `dard train`: exit 130 and one line, the MLflow run
     closed KILLED, the Ray run's checkpoints kept; the rerun finishes with every epoch in MLflow
@@ -258,7 +218,7 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     def runs():
         return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
-    code, err, timeline = _signal_when(argv, signals.SIGINT, lambda: any(storage.glob("checkpoint_*/")), group=True)
+    code, err, timeline = signal_when(argv, signals.SIGINT, lambda out: any(storage.glob("checkpoint_*/")), group=True)
     assert code == 130, timeline
     assert err.strip().splitlines()[-1].startswith("dard train: interrupted:") and "Traceback" not in err, timeline
     assert [r.info.status for r in runs()] == ["KILLED"]
@@ -280,7 +240,7 @@ def test_signals_keep_their_promise_on_the_ray_paths(ray_shards, s3_digits, trai
     shards = tmp_path / "sh"
     argv = ["precompute", "--teacher", trained_models["teacher"]["model_path"], "--out", str(shards), "--views", "4",
             "--rows-per-part", "16", "--steps", "2", "--no-progress"]
-    code, err, timeline = _signal_when(argv, signals.SIGTERM, lambda: any(shards.glob("part-*.json")))
+    code, err, timeline = signal_when(argv, signals.SIGTERM, lambda out: any(shards.glob("part-*.json")))
     assert code == 143, timeline
     assert err.strip().splitlines()[-1].startswith("dard precompute: terminated:") and "Traceback" not in err, timeline
     kept = len(list(shards.glob("part-*.json")))

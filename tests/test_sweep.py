@@ -1,9 +1,8 @@
 """Sweeps end to end: MLflow parent/child runs, registry champion logic, resume, early errors."""
 import os
 import pickle
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from dard.cli import main
 from dard.registry import METRIC
-from tests.conftest import HANG_S
+from tests.conftest import signal_when
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -57,29 +56,26 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     epochs = 3
     args = sweep_args(sweep_env, "first", "--trials", "2", "--space", "rslad-like", "--grace-period", str(epochs),
                       epochs=epochs)
-    # the sweep joins the test session's Ray, as `dard sweep` joins a cluster named by RAY_ADDRESS
-    import ray
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "dard.cli", *args], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the sweep joins the test session's Ray, as `dard sweep` joins a cluster named by RAY_ADDRESS;
+    # SIGTERM (what a scheduler or `kill` sends) once the sweep has said that its first trial
+    # finished: it says so from Tune's on_trial_complete, after which Tune marks the trial
+    # TERMINATED in the same call (a second's margin)
     client = MlflowClient(tracking_uri=sweep_env["uri"])
 
     def first_children():
         parents = runs_named(client, "first")
         return parents, (child_runs(sweep_env["uri"], parents[0].info.run_id) if parents else [])
 
-    deadline = time.time() + HANG_S
-    while time.time() < deadline:  # interrupt once the first trial has finished
-        parents, children = first_children()
-        if any(c.data.metrics.get("epoch") == epochs - 1 for c in children):  # a trial logged its last epoch
-            break
-        time.sleep(2)
-    time.sleep(8)  # let Tune record the finished trial before the interruption (rank 0 closes its run first)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
-    _, err = proc.communicate(timeout=HANG_S)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("dard sweep: terminated:") and "Traceback" not in err, err[-2000:]
+    finished_at: list[float] = []
+
+    def a_trial_finished(out: str) -> bool:
+        if not finished_at and re.search(rf"^trial \S+: {epochs} epochs", out, re.M):
+            finished_at.append(time.time())
+        return bool(finished_at) and time.time() - finished_at[0] > 1
+
+    code, err, timeline = signal_when(args, signal.SIGTERM, a_trial_finished)
+    assert code == 143, timeline
+    assert err.strip().splitlines()[-1].startswith("dard sweep: terminated:") and "Traceback" not in err, timeline
     parents, children = first_children()
     assert len(parents) == 1 and parents[0].info.status == "KILLED"  # closed as stopped; --resume reopens it
     assert not any(k.startswith("best.") for k in parents[0].data.tags)

@@ -53,7 +53,7 @@ def test_dard_student_is_more_robust_than_a_natural_student(trained_models, tmp_
     dard = fit(digits_config(tmp_path / "dard", loss={"method": "dard"}, optim={"epochs": 6}), teacher_path=teacher)
     assert dard["val_pgd_acc"] > trained_models["natural"]["val_pgd_acc"] + 0.1, dard
     meta = torch.load(dard["model_path"], weights_only=True)["meta"]
-    assert meta["teacher"]["arch"] == "cnn_large" and len(meta["teacher"]["sha256"]) == 64
+    assert meta["teacher"]["arch"] == "cnn_medium" and len(meta["teacher"]["sha256"]) == 64
 
 
 def test_the_shipped_model_is_the_epoch_of_best_validation_robust_accuracy(tmp_path, monkeypatch):

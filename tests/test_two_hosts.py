@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import HANG_S
+from tests.ray_hooks import committed_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster_ssh]
 REPO = Path(__file__).resolve().parents[1]
@@ -172,18 +173,12 @@ def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained
                        "--set", "run.eval_limit=60")
         # host B dies mid-training: once Ray Train has committed epoch 1's checkpoint (every worker's
         # report of it arrived: its snapshot in the storage says so), every process of B is killed
-        def committed_epoch() -> int:
-            try:
-                snapshot = json.loads((storage / "two-hosts" / "checkpoint_manager_snapshot.json").read_text())
-                return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return -1
-
         deadline = time.time() + HANG_S
-        while committed_epoch() < 1 and time.time() < deadline:
+        run_dir = str(storage / "two-hosts")
+        while committed_epoch(run_dir) < 1 and time.time() < deadline:
             time.sleep(0.2)
-        assert committed_epoch() >= 1, ray("job", "logs", train).stdout[-3000:]
-        killed_after = committed_epoch()
+        assert committed_epoch(run_dir) >= 1, ray("job", "logs", train).stdout[-3000:]
+        killed_after = committed_epoch(run_dir)
         killed = time.time()
         b.kill_all()
         while alive_nodes().get(b.address) == "ALIVE" and time.time() - killed < HANG_S:
