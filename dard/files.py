@@ -5,20 +5,36 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a pyarrow-supported URI."""
+    """(filesystem, path) for a local path or a pyarrow-supported URI. An object store's
+    filesystem is made once per bucket and options (building an S3 client costs more than reading
+    a small file: a folder of images would pay it per image); its path is the URI's, decoded."""
     text = str(uri)
-    if is_uri(text):
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    parts = urlsplit(text)
+    if parts.scheme not in BUCKET_SCHEMES or parts.fragment:
         return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    fs = _bucket_filesystem(parts.scheme, parts.netloc, parts.query)
+    return fs, (parts.netloc + unquote(parts.path)).rstrip("/")
+
+
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # scheme://bucket/key: pyarrow's path is bucket/key
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
 
 
 def is_uri(location: str | Path) -> bool:

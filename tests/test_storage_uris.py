@@ -61,3 +61,31 @@ def test_markers_checkpoints_and_a_sealed_sweep_state_on_an_object_store(bucket,
     with pytest.raises(ValueError, match=r"1 file\(s\) changed, added or removed .* \(first: tuner.pkl\)"):
         check_sealed(folder, client, run.run_id)
     assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_a_folder_of_images_on_an_object_store_whatever_its_file_names(bucket):
+    """File names that a URI would misread (a space, '#', '%', '?') are read as the files they
+    are; one S3 client serves a bucket (a folder of N images would otherwise build N of them), and
+    its paths are pyarrow's own."""
+    import boto3
+    import pyarrow.fs as pafs
+    import torch
+
+    from dard.data.sources import list_source
+    from dard.files import resolve
+    from tests.conftest import write_png_folder
+
+    names = ["cat 1", "cat#2", "dog%203", "dog?4"]
+    images = torch.arange(4 * 64, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    files = write_png_folder(None, images, torch.tensor([0, 0, 1, 1]), names=["cat", "dog"])
+    s3 = boto3.client("s3")
+    for (rel, data), name in zip(files.items(), names):
+        s3.put_object(Bucket="dard", Key=f"odd names/{rel.split('/')[0]}/{name}.png", Body=data)
+    listing = list_source(f"folder:{bucket}/odd%20names")
+    assert sorted(k.split("/")[1] for k in listing.keys) == sorted(f"{n}.png" for n in names)
+    by_name = dict(zip(names, files.values()))
+    read = listing.read_bytes(range(len(listing)))
+    assert read == [by_name[k.split("/")[1][:-4]] for k in listing.keys]  # each file's own bytes
+    for uri in ("s3://dard", "s3://dard/", "s3://dard/a/b/", "s3://dard/a%20b/c", "s3://dard/x?region=us-east-1"):
+        assert resolve(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
+    assert resolve("s3://dard/a")[0] is resolve("s3://dard/b/c")[0]

@@ -88,7 +88,7 @@ class Listing:
             if not self.table.paths:
                 return self.table.read(positions)
         paths = [self._path(int(i)) for i in positions]
-        fs, _ = resolve(self.root)
+        fs, _ = resolve(self.root)  # a table's paths are below its folder, on its filesystem
 
         def fetch(path: str) -> bytes:
             try:
@@ -105,7 +105,8 @@ class Listing:
     def _path(self, i: int) -> str:
         """File of sample ``i`` (a folder's), or of global row ``i`` (a table of paths)."""
         if self.kind == "folder":
-            return resolve(f"{self.root.rstrip('/')}/{self.keys[i]}")[1]
+            # the folder's path and the key, never parsed together as a URI (a file name may hold ' ', '#', '%')
+            return resolve(self.root)[1] + "/" + self.keys[i]
         return self.table.path_of(i)
 
 
