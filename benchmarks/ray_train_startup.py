@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,28 +38,76 @@ class FirstStep:
             path.write_text(str(time.time()))
 
 
-def bare_fit(tmp: Path, workers: int, i: int) -> tuple[float, float]:
+def busy_cpu_s() -> float:
+    """CPU-seconds the whole machine has been busy (user, nice, system, irq, softirq), /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class NewProcesses:
+    """CPU-seconds of each process started while in the block, by its title (a thread polls them)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.before = {p.pid for p in psutil.process_iter()}
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for p in psutil.process_iter():
+                if p.pid not in self.before:
+                    try:
+                        t = p.cpu_times()
+                        self.seen[p.pid] = (p.name(), t.user + t.system)
+                    except psutil.Error:
+                        pass
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def by_title(self) -> dict[str, list[float]]:
+        titles: dict[str, list[float]] = {}
+        for name, cpu in self.seen.values():
+            titles.setdefault(name, []).append(cpu)
+        return dict(sorted(titles.items(), key=lambda kv: -sum(kv[1])))
+
+
+def bare_fit(tmp: Path, workers: int, i: int) -> tuple[float, float, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cluster.rendezvous import LoopbackTorchConfig
 
     marker = tmp / f"bare-{workers}-{i}"
-    started = time.time()
+    started, cpu = time.time(), busy_cpu_s()
     TorchTrainer(_entered, train_loop_config={"marker": str(marker)}, torch_config=LoopbackTorchConfig(backend="gloo"),
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(name=marker.name, storage_path=str(tmp / "ray"))).fit()
-    return float(marker.read_text()) - started, time.time() - started
+    return float(marker.read_text()) - started, time.time() - started, busy_cpu_s() - cpu
 
 
-def dard_fit(tmp: Path, cfg, shards: str, workers: int, i: int) -> tuple[float, float]:
+def dard_fit(tmp: Path, cfg, shards: str, workers: int, i: int) -> tuple[float, float, float]:
     from cluster.train import train_distributed
 
     marker = tmp / f"dard-{workers}-{i}"
-    started = time.time()
+    started, cpu = time.time(), busy_cpu_s()
     train_distributed(cfg, shards, workers=workers, name=marker.name, step_hook=FirstStep(str(marker)))
     first = max(float(Path(f"{marker}.{r}").read_text()) for r in range(workers))
-    return first - started, time.time() - started
+    return first - started, time.time() - started, busy_cpu_s() - cpu
 
 
 def main() -> None:
@@ -87,22 +136,32 @@ def main() -> None:
                      dard_fit(tmp, cfg, str(tmp / "shards"), workers, i) for i in range(args.repeats)]
             rows.append({"fit": kind, "workers": workers,
                          "to_first_step_s": statistics.median(t[0] for t in times),
-                         "total_s": statistics.median(t[1] for t in times), "runs": times})
+                         "total_s": statistics.median(t[1] for t in times),
+                         "cpu_s": statistics.median(t[2] for t in times), "runs": times})
             print(rows[-1], flush=True)
+    with NewProcesses() as new:  # what one bare 2-worker fit starts, and what each costs
+        bare_fit(tmp, 2, args.repeats)
+    processes = new.by_title()
     import ray
     import torch
 
-    facts = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU", "ray": ray.__version__,
+    facts = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "ray": ray.__version__,
              "torch": torch.__version__, "repeats": args.repeats,
              "command": "python benchmarks/ray_train_startup.py"}
-    Path(f"{args.out}.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps({"facts": facts, "rows": rows, "processes": processes}, indent=1)
+                                        + "\n")
     lines = [f"# A short Ray Train run's start-up ({time.strftime('%Y-%m-%d')})", "",
              f"`{facts['command']}` on {facts['machine']}, Ray {facts['ray']}, torch {facts['torch']}; a warm local "
              "Ray (2 CPUs, no dashboard, as the test suite runs it); median of "
              f"{args.repeats} fits after one warm-up. *To first step*: from the call to the train function's "
-             "start (bare) or every rank's first optimizer step (dard: shards opened, model built, DDP set up).", "",
-             "| fit | workers | to first step | whole run |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['fit']} | {r['workers']} | {r['to_first_step_s']:.1f} s | {r['total_s']:.1f} s |" for r in rows]
+             "start (bare) or every rank's first optimizer step (dard: shards opened, model built, DDP set up). "
+             "*CPU*: the CPU-seconds the machine was busy over the whole run (/proc/stat).", "",
+             "| fit | workers | to first step | whole run | CPU |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['fit']} | {r['workers']} | {r['to_first_step_s']:.1f} s | {r['total_s']:.1f} s | "
+              f"{r['cpu_s']:.1f} s |" for r in rows]
+    lines += ["", "The processes one bare 2-worker fit starts (each a Python that imports Ray Train), and their "
+              "CPU-seconds:", "", "| process | count | CPU |", "|---|---:|---:|"]
+    lines += [f"| `{title}` | {len(cpu)} | {sum(cpu):.1f} s |" for title, cpu in processes.items()]
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print(Path(f"{args.out}.md").read_text())
 

@@ -1,0 +1,51 @@
+"""A pytest plugin: each test's wall time and the CPU-seconds the whole machine was busy over it
+(/proc/stat: user, nice, system, irq, softirq; run it with nothing else on the machine), so that
+where the suite's time goes and how busy the cores are is measured, not guessed. Writes
+``benchmarks/results/suite-cpu.md`` and ``.json`` (or ``$SUITE_CPU_OUT.md|.json``).
+
+    python -m pytest -q -p benchmarks.suite_cpu        # the suite, ~11 min on 2 cores
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+_ROWS: list[tuple[str, float, float]] = []
+
+
+def _busy_cpu_s() -> float:
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of one test: fixtures count where they are built."""
+    wall, cpu = time.monotonic(), _busy_cpu_s()
+    yield
+    _ROWS.append((item.nodeid, time.monotonic() - wall, _busy_cpu_s() - cpu))
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("SUITE_CPU_OUT") or str(Path(__file__).parent / "results" / "suite-cpu")
+    wall, cpu = sum(r[1] for r in _ROWS), sum(r[2] for r in _ROWS)
+    cores = os.cpu_count() or 1
+    facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "tests": len(_ROWS),
+             "wall_s": wall, "cpu_s": cpu, "command": "python -m pytest -q -p benchmarks.suite_cpu"}
+    Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS}, indent=1) + "\n")
+    lines = [f"# Where the suite's time goes ({facts['date']})", "",
+             f"`{facts['command']}` on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
+             f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy). Per test, its fixtures "
+             "included where they are built; the 20 longest:", "",
+             "| test | wall | CPU | cores busy |", "|---|---:|---:|---:|"]
+    lines += [f"| `{name}` | {w:.1f} s | {c:.1f} s | {100 * c / max(w, 1e-9) / cores:.0f} % |"
+              for name, w, c in sorted(_ROWS, key=lambda r: -r[1])[:20]]
+    rest = sorted(_ROWS, key=lambda r: -r[1])[20:]
+    lines.append(f"| the other {len(rest)} | {sum(r[1] for r in rest):.1f} s | {sum(r[2] for r in rest):.1f} s | |")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
