@@ -26,10 +26,10 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     if parts.scheme not in BUCKET_SCHEMES or parts.fragment:
         return pafs.FileSystem.from_uri(text)
     fs = _bucket_filesystem(parts.scheme, parts.netloc, parts.query)
-    return fs, (parts.netloc + unquote(parts.path)).rstrip("/")
+    return fs, (parts.netloc.rpartition("@")[2] + unquote(parts.path)).rstrip("/")
 
 
-BUCKET_SCHEMES = ("s3", "gs", "gcs")  # scheme://bucket/key: pyarrow's path is bucket/key
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # scheme://[credentials@]bucket/key: pyarrow's path is bucket/key
 
 
 @functools.lru_cache(maxsize=32)

@@ -68,7 +68,7 @@ def digits_test(digits_splits):
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory):
     """cnn_small trained naturally and with TRADES (12 epochs each), and a TRADES cnn_medium teacher
-    (8x the student's parameters; as robust as cnn_large here at half its cost: benchmarks/results/test-teacher.md)."""
+    (8x the student's parameters; as robust as cnn_large here at half its cost: benchmarks/results/suite-teacher.md)."""
     from dard.training import fit
 
     out = {}

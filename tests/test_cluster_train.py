@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import signal_when
+from tests.conftest import REPO, signal_when
 from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

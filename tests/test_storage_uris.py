@@ -86,6 +86,7 @@ def test_a_folder_of_images_on_an_object_store_whatever_its_file_names(bucket):
     by_name = dict(zip(names, files.values()))
     read = listing.read_bytes(range(len(listing)))
     assert read == [by_name[k.split("/")[1][:-4]] for k in listing.keys]  # each file's own bytes
-    for uri in ("s3://dard", "s3://dard/", "s3://dard/a/b/", "s3://dard/a%20b/c", "s3://dard/x?region=us-east-1"):
+    for uri in ("s3://dard", "s3://dard/", "s3://dard/a/b/", "s3://dard/a%20b/c", "s3://dard/x?region=us-east-1",
+                "s3://key:secret@dard/a"):
         assert resolve(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
     assert resolve("s3://dard/a")[0] is resolve("s3://dard/b/c")[0]

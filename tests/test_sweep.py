@@ -4,16 +4,14 @@ import pickle
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from dard.cli import main
 from dard.registry import METRIC
-from tests.conftest import signal_when
+from tests.conftest import REPO, signal_when
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

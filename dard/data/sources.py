@@ -88,7 +88,7 @@ class Listing:
             if not self.table.paths:
                 return self.table.read(positions)
         paths = [self._path(int(i)) for i in positions]
-        fs, _ = resolve(self.root)  # a table's paths are below its folder, on its filesystem
+        fs, _ = resolve(self.root)
 
         def fetch(path: str) -> bytes:
             try:
