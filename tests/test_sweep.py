@@ -55,9 +55,11 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     args = sweep_args(sweep_env, "first", "--trials", "2", "--space", "rslad-like", "--grace-period", str(epochs),
                       epochs=epochs)
     # the sweep joins the test session's Ray, as `dard sweep` joins a cluster named by RAY_ADDRESS;
-    # SIGTERM (what a scheduler or `kill` sends) once the sweep has said that its first trial
-    # finished: it says so from Tune's on_trial_complete, after which Tune marks the trial
-    # TERMINATED in the same call (a second's margin)
+    # SIGTERM (what a scheduler or `kill` sends) after the sweep has said that its first trial
+    # finished (from Tune's on_trial_complete, after which Tune marks the trial TERMINATED) and that
+    # trial's workers have had time to stop: a SIGTERM during their teardown puts a traceback of
+    # Ray Train's ("Graceful shutdown of backend failed", forwarded from its controller) on the
+    # console, measured at 1 s after the line; left open, see the note
     client = MlflowClient(tracking_uri=sweep_env["uri"])
 
     def first_children():
@@ -69,7 +71,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     def a_trial_finished(out: str) -> bool:
         if not finished_at and re.search(rf"^trial \S+: {epochs} epochs", out, re.M):
             finished_at.append(time.time())
-        return bool(finished_at) and time.time() - finished_at[0] > 1
+        return bool(finished_at) and time.time() - finished_at[0] > 8
 
     code, err, timeline = signal_when(args, signal.SIGTERM, a_trial_finished)
     assert code == 143, timeline
