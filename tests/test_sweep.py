@@ -59,7 +59,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     # finished (from Tune's on_trial_complete, after which Tune marks the trial TERMINATED) and that
     # trial's workers have had time to stop: a SIGTERM during their teardown puts a traceback of
     # Ray Train's ("Graceful shutdown of backend failed", forwarded from its controller) on the
-    # console, measured at 1 s after the line; left open, see the issue's note
+    # console, measured at 1 s after the line (a defect left open: issue 38, stop 42's closing note)
     client = MlflowClient(tracking_uri=sweep_env["uri"])
 
     def first_children():
