@@ -33,8 +33,9 @@ BUCKET_SCHEMES = ("s3", "gs", "gcs")  # scheme://[credentials@]bucket/key: pyarr
 
 
 @functools.lru_cache(maxsize=32)
-def _bucket_filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
+def _bucket_filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    """The filesystem of ``scheme://netloc?query`` (netloc: ``[credentials@]bucket``)."""
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}" + (f"?{query}" if query else ""))[0]
 
 
 def is_uri(location: str | Path) -> bool:

@@ -87,8 +87,11 @@ class Listing:
             positions = positions if self.rows is None else self.rows[positions]
             if not self.table.paths:
                 return self.table.read(positions)
-        paths = [self._path(int(i)) for i in positions]
-        fs, _ = resolve(self.root)
+        fs, root = resolve(self.root)
+        # a folder's file: its path and its listed name, never parsed together as a URI (a name may
+        # hold ' ', '#', '%'); a table's: the path its row gives
+        paths = ([f"{root}/{self.keys[int(i)]}" for i in positions] if self.kind == "folder"
+                 else [self.table.path_of(int(i)) for i in positions])
 
         def fetch(path: str) -> bytes:
             try:
@@ -101,13 +104,6 @@ class Listing:
             return [fetch(p) for p in paths]
         with ThreadPoolExecutor(_READERS) as pool:
             return list(pool.map(fetch, paths))
-
-    def _path(self, i: int) -> str:
-        """File of sample ``i`` (a folder's), or of global row ``i`` (a table of paths)."""
-        if self.kind == "folder":
-            # the folder's path and the key, never parsed together as a URI (a file name may hold ' ', '#', '%')
-            return resolve(self.root)[1] + "/" + self.keys[i]
-        return self.table.path_of(i)
 
 
 def list_source(spec: str, *, labeled: bool = True, image_column: str = "image", label_column: str = "label",
