@@ -2,20 +2,29 @@
 ``pyproject.toml`` bounds it). ``tests/test_ray_private.py`` checks that each still exists, so an
 upgrade that moves one fails there, by name, and not in a training run.
 
-Imported only once Ray is set up (:func:`cluster.ray_session.ensure_ray`): importing Ray Train
-fixes its auth mode.
+Ray Train's names are imported on first use (module ``__getattr__``): importing Ray Train fixes
+its auth mode, so only once Ray is set up (:func:`cluster.ray_session.ensure_ray`), and it costs
+~3 CPU-seconds that a command without Ray Train need not pay.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 # DDP rendezvous through a file and gloo on loopback on a local cluster, and the node's cluster
 # interface across machines (cluster/rendezvous.py): Ray Train's TorchConfig has no hook for either,
 # so its backend is subclassed and its process-group setup called with our init method.
-from ray.train.torch.config import (_set_torch_distributed_env_vars as set_torch_distributed_env_vars,  # noqa: F401
-                                    _setup_torch_process_group as setup_torch_process_group,
-                                    _TorchBackend as TorchBackend)
+_TORCH_CONFIG = {"TorchBackend": "_TorchBackend", "setup_torch_process_group": "_setup_torch_process_group",
+                 "set_torch_distributed_env_vars": "_set_torch_distributed_env_vars"}
+
+
+def __getattr__(name: str):
+    if name in _TORCH_CONFIG:
+        from ray.train.torch import config
+
+        return getattr(config, _TORCH_CONFIG[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # name -> why; what tests/test_ray_private.py checks
 SYMBOLS = {
@@ -28,6 +37,7 @@ SYMBOLS = {
     "ray._private.runtime_env.packaging._dir_travel": "walks a job's working dir as Ray packages it (dard submit)",
     "ray._private.runtime_env.packaging._get_excludes": "the runtime_env 'excludes' patterns, as Ray applies them",
     "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": "the largest package Ray uploads",
+    "ray._private.ray_logging.global_worker_stdstream_dispatcher": "what workers write to stderr goes to the log file",
 }
 
 
@@ -62,6 +72,29 @@ def package_files(working_dir: str, excludes: list[str] | None = None) -> list[t
     quiet.setLevel(logging.WARNING)
     _dir_travel(root, [_get_excludes(root, excludes or [])], handler, include_gitignore=True, logger=quiet)
     return found
+
+
+def worker_stderr_to(sink: Callable[[dict], None]) -> None:
+    """Ray's driver prints what every worker writes (``log_to_driver``): keep its printing of their
+    stdout (dard's epoch lines) and hand each batch of their stderr to ``sink`` instead. ``sink``
+    gets Ray's dict: ``lines`` (list of str), ``pid``, ``actor_name``, ``task_name``, ``is_err``.
+    Idempotent (a second call keeps the first printer)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [handler for name, handler in dispatcher.handlers if name == _PRINTER]
+    if not printers or getattr(printers[0], "dard_split", False):
+        return
+    printer = printers[0]
+
+    def split(data: dict) -> None:
+        (sink if data.get("is_err") else printer)(data)
+
+    split.dard_split = True
+    dispatcher.remove_handler(_PRINTER)
+    dispatcher.add_handler(_PRINTER, split)
+
+
+_PRINTER = "ray_print_logs"  # the name ray.init gives its handler when log_to_driver is on
 
 
 def package_limit() -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
@@ -58,7 +59,25 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      object_store_memory=1_000_000_000,
                      runtime_env={"worker_process_setup_hook": "cluster.ray_session.address_own_cluster"}, **kwargs)
+    if not quiet:
+        from cluster.ray_private import worker_stderr_to
+
+        worker_stderr_to(log_worker_stderr)
     return ray
+
+
+def log_worker_stderr(data: dict) -> None:
+    """What Ray's workers write to stderr -- library warnings, Ray's own tracebacks as a run stops
+    (Ray Train's "Graceful shutdown of backend failed" when a signal meets a stopping trial) -- is
+    chatter for the log file (``dard.log``; the console with ``--verbose``). A worker's error that
+    ends the run reaches the console as the run's one error line."""
+    source = f"{data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}"
+    for line in data.get("lines", ()):
+        _WORKERS.warning("%s: %s", source, line)
+
+
+# not under "ray": ray.init gives that logger a console handler of its own and stops propagation
+_WORKERS = logging.getLogger("ray_workers")
 
 
 @contextlib.contextmanager

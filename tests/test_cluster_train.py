@@ -168,6 +168,49 @@ def test_an_error_a_restart_would_repeat_reaches_the_driver_once(ray_session):
     ray_session.kill(fatal)
 
 
+WORKERS_SPEAK = """
+import io, sys, time
+from pathlib import Path
+from dard import logs
+from cluster.ray_session import ensure_ray
+
+logs.setup(verbose=False)
+logs.to_file(sys.argv[1])
+console = sys.stdout
+sys.stdout = seen = io.StringIO()  # Ray's printer writes to the sys.stdout of the moment
+ray = ensure_ray()  # joins RAY_ADDRESS, printing what workers write, as `dard train` does
+
+@ray.remote(num_cpus=0.5)
+def speak():
+    print("epoch 1/1: a line of dard's own", flush=True)
+    print("Traceback (most recent call last):\\n  RuntimeError: Graceful shutdown of backend failed",
+          file=sys.stderr, flush=True)
+
+ray.get(speak.remote())
+log = Path(sys.argv[1]) / "dard.log"
+deadline = time.time() + 120  # a hang guard: both streams arrive within a second or two
+while time.time() < deadline and not ("epoch 1/1" in seen.getvalue()
+                                      and "Graceful" in (log.read_text() if log.exists() else "")):
+    time.sleep(0.1)
+console.write(seen.getvalue())
+"""
+
+
+def test_what_workers_write_to_stderr_goes_to_the_log_file_not_the_console(ray_session, tmp_path):
+    """A driver that joins Ray prints its workers' stdout (dard's epoch lines) and writes their
+    stderr (library warnings, Ray's own tracebacks as a run stops) to dard.log, not the console."""
+    import os
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-c", WORKERS_SPEAK, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 1/1: a line of dard's own" in done.stdout
+    assert "Graceful" not in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+    log = (tmp_path / "dard.log").read_text()
+    assert "speak pid=" in log and "RuntimeError: Graceful shutdown of backend failed" in log
+
+
 def test_a_part_altered_under_the_workers_stops_the_run_naming_it(ray_shards, s3_digits, tmp_path):
     """Checked by the driver, then altered before the workers read it: the rank that meets it says
     which unit, every rank stops at the same step, and nothing is written as if an epoch finished."""
