@@ -3,13 +3,15 @@
 where the suite's time goes and how busy the cores are is measured, not guessed. Writes
 ``benchmarks/results/suite-cpu.md`` and ``.json`` (or ``$SUITE_CPU_OUT.md|.json``).
 
-    python -m pytest -q -p benchmarks.suite_cpu        # the suite, ~11 min on 2 cores
+    python -m pytest -q -p benchmarks.suite_cpu                 # the suite, ~11 min on 2 cores
+    python -m pytest -q -p benchmarks.suite_cpu -m "not ray"    # the tests that start no Ray, ~3.5 min
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -36,11 +38,15 @@ def pytest_sessionfinish(session):
     out = os.environ.get("SUITE_CPU_OUT") or str(Path(__file__).parent / "results" / "suite-cpu")
     wall, cpu = sum(r[1] for r in _ROWS), sum(r[2] for r in _ROWS)
     cores = os.cpu_count() or 1
-    facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "tests": len(_ROWS),
-             "wall_s": wall, "cpu_s": cpu, "command": "python -m pytest -q -p benchmarks.suite_cpu"}
+    selected = session.config.option.markexpr  # -m "not ray": a tier of the suite
+    command = "python -m pytest -q -p benchmarks.suite_cpu" + (f' -m "{selected}"' if selected else "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=session.config.rootpath, capture_output=True,
+                            text=True).stdout.strip()
+    facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
+             "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "command": command}
     Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS}, indent=1) + "\n")
     lines = [f"# Where the suite's time goes ({facts['date']})", "",
-             f"`{facts['command']}` on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
+             f"`{facts['command']}` at {commit or 'an unknown commit'} on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
              f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy). Per test, its fixtures "
              "included where they are built; the 20 longest:", "",
              "| test | wall | CPU | cores busy |", "|---|---:|---:|---:|"]
