@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, signal_when
+from tests.conftest import HANG_S, REPO, signal_when
 from tests.ray_hooks import WeightsLog, register
 
 pytestmark = pytest.mark.ray
@@ -188,7 +188,7 @@ def speak():
 
 ray.get(speak.remote())
 log = Path(sys.argv[1]) / "dard.log"
-deadline = time.time() + 120  # a hang guard: both streams arrive within a second or two
+deadline = time.time() + float(sys.argv[2])  # a hang guard: both streams arrive within a second or two
 while time.time() < deadline and not ("epoch 1/1" in seen.getvalue()
                                       and "Graceful" in (log.read_text() if log.exists() else "")):
     time.sleep(0.1)
@@ -202,7 +202,7 @@ def test_what_workers_write_to_stderr_goes_to_the_log_file_not_the_console(ray_s
     import os
 
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    done = subprocess.run([sys.executable, "-c", WORKERS_SPEAK, str(tmp_path)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-c", WORKERS_SPEAK, str(tmp_path), str(HANG_S)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 1/1: a line of dard's own" in done.stdout
