@@ -79,18 +79,17 @@ def worker_stderr_to(sink: Callable[[dict], None]) -> None:
     """Ray's driver prints what every worker writes (``log_to_driver``): keep its printing of their
     stdout (dard's epoch lines) and hand each batch of their stderr to ``sink`` instead. ``sink``
     gets Ray's dict: ``lines`` (list of str), ``pid``, ``actor_name``, ``task_name``, ``is_err``.
-    Idempotent (a second call keeps the first printer)."""
+    Called once, right after ``ray.init`` (which installs the printer; ``ray.shutdown`` removes it)."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printers = [handler for name, handler in dispatcher.handlers if name == _PRINTER]
-    if not printers or getattr(printers[0], "dard_split", False):
+    if not printers:  # log_to_driver off: nothing is printed, nothing to split
         return
     printer = printers[0]
 
     def split(data: dict) -> None:
         (sink if data.get("is_err") else printer)(data)
 
-    split.dard_split = True
     dispatcher.remove_handler(_PRINTER)
     dispatcher.add_handler(_PRINTER, split)
 
