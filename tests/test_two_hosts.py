@@ -68,6 +68,44 @@ def _probe(host, address: str, ports: list[int]) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+# Polls the cluster from the client host until a condition holds, in one process: Ray's job and
+# state SDKs through the forwarded dashboard, as `ray job status` and `ray list nodes` call them;
+# each of those commands pays Ray's import again, about 1.9 CPU-seconds a poll on this machine.
+_AWAIT = """\
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_nodes
+
+deadline, what, arg = time.time() + float(sys.argv[1]), sys.argv[2], sys.argv[3]
+seen, done, client = {}, False, None
+while not done and time.time() < deadline:
+    try:
+        if what == "nodes":  # until every IP=STATE of arg holds
+            seen = {n.node_ip: n.state for n in list_nodes(detail=True)}
+            done = all(seen.get(ip) == state for ip, state in (p.split("=") for p in arg.split(",")))
+        else:  # until the job arg ends
+            client = client or JobSubmissionClient()
+            seen = {"status": str(client.get_job_status(arg))}
+            done = seen["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
+    except Exception as err:  # the forward or the job agent not up yet
+        seen = {"error": repr(err)}
+    at = time.time()
+    time.sleep(0 if done else 0.5)
+if client is not None:
+    seen["logs"] = client.get_job_logs(arg)
+print(json.dumps({"seen": seen, "at": at}))
+"""
+
+
+def _await(host, env: dict, what: str, arg: str) -> tuple[dict, float]:
+    """What ``host`` last saw of the cluster when ``what`` ("nodes", or "job") met ``arg`` (IP=STATE,...
+    or a job id), or HANG_S passed, and when (``time.time()``)."""
+    out = host.run([sys.executable, "-c", _AWAIT, str(HANG_S), what, arg], env=env, timeout=2 * HANG_S, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.splitlines()[-1])
+    return found["seen"], found["at"]
+
+
 def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained_models):
     from tests.hosts import HostsUnavailable, Network
 
@@ -106,16 +144,10 @@ def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained
         def ray(*args: str, job_env=jobs, timeout=HANG_S) -> subprocess.CompletedProcess:
             return c.run([str(BIN / "ray"), *args], env=job_env, timeout=timeout, cwd=REPO)
 
-        def alive_nodes() -> dict[str, str]:
-            out = ray("list", "nodes", "--format", "json", "--detail")
-            return ({n["node_ip"]: n["state"] for n in json.loads(out.stdout)} if out.returncode == 0 else {})
-
-        deadline = time.time() + HANG_S
-        while time.time() < deadline and alive_nodes().get(b.address) != "ALIVE":
-            time.sleep(2)
+        nodes, _ = _await(c, jobs, "nodes", f"{a.address}=ALIVE,{b.address}=ALIVE")
         monitor = sorted((a.folder / "tmp").glob("ray/session_2*/logs/monitor.*"))
-        assert alive_nodes() == {a.address: "ALIVE", b.address: "ALIVE"}, (
-            alive_nodes(), "\n".join(p.read_text()[-3000:] for p in monitor))
+        assert nodes == {a.address: "ALIVE", b.address: "ALIVE"}, (
+            nodes, "\n".join(p.read_text()[-3000:] for p in monitor))
         timings["worker joined (from ray up)"] = time.time() - started
         for host in (a, b):  # the checkout reached each host's own home, without what .gitignore lists
             copy = host.folder / "home" / "dard"
@@ -146,21 +178,17 @@ def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained
                 time.sleep(3)
             raise AssertionError(job.stdout[-2000:] + job.stderr[-2000:])
 
-        def wait(job_id: str, timeout: float) -> tuple[str, str]:
-            """(SUCCEEDED, FAILED, STOPPED or RUNNING when ``timeout`` passed, the job's logs)."""
-            deadline, status = time.time() + timeout, "RUNNING"
-            while time.time() < deadline and status == "RUNNING":
-                found = re.search(r"Job '\S+' (succeeded|failed|stopped)", ray("job", "status", job_id).stdout)
-                status = found.group(1).upper() if found else "RUNNING"
-                time.sleep(0 if found else 2)
-            return status, ray("job", "logs", job_id).stdout
+        def wait(job_id: str) -> tuple[str, str]:
+            """(SUCCEEDED, FAILED, STOPPED, or what it was when HANG_S passed; the job's logs)."""
+            seen, _ = _await(c, jobs, "job", job_id)
+            return seen.get("status", str(seen)), seen.get("logs", "")
 
         teacher, shards = shared / "teacher.pt", shared / "shards"
         shutil.copy(trained_models["teacher"]["model_path"], teacher)
         common = ["--limit-train", "512", "--steps", "2", "--no-progress"]
         t = time.time()
         status, logs = wait(submit("cluster.jobs.precompute", *common, "--teacher", str(teacher), "--out", str(shards),
-                                   "--rows-per-part", "128"), HANG_S)
+                                   "--rows-per-part", "128"))
         assert status == "SUCCEEDED", logs[-3000:]
         timings["precompute job"] = time.time() - t
 
@@ -181,11 +209,10 @@ def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained
         killed_after = committed_epoch(run_dir)
         killed = time.time()
         b.kill_all()
-        while alive_nodes().get(b.address) == "ALIVE" and time.time() - killed < HANG_S:
-            time.sleep(0.5)
-        timings["Ray noticed the lost host"] = time.time() - killed
-        assert alive_nodes().get(b.address) == "DEAD"
-        status, logs = wait(train, HANG_S)
+        nodes, noticed = _await(c, jobs, "nodes", f"{b.address}=DEAD")
+        timings["Ray noticed the lost host"] = noticed - killed
+        assert nodes.get(b.address) == "DEAD", nodes
+        status, logs = wait(train)
         timings[f"training job ({epochs} epochs, host B killed after epoch {killed_after})"] = time.time() - t
         assert status == "SUCCEEDED", logs[-4000:]
 
