@@ -39,6 +39,11 @@ def _cluster_yaml(net, hosts, key: Path) -> dict:
     assert "firewall.sh 10.0.0.0/24" in firewall and "pip install" in install
     assert cfg["file_mounts"] == {"~/dard": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     venv = str(BIN.parent)
+    # Test only, as Ray's own cluster_utils does: the head's autoscaler looks every second, not every
+    # 5 s (at 5 s it launches the worker at its second look, 10 s after the head started)
+    head = [c.replace("~/dard-venv", venv) for c in cfg["head_start_ray_commands"]]
+    assert head[0].startswith("export ")
+    head[0] = head[0].replace("export ", "export AUTOSCALER_UPDATE_INTERVAL_S=1 ", 1)
     cfg.update({
         "cluster_name": f"dard-2h-{net.tag}",
         "provider": {"type": "local", "head_ip": hosts["a"].address, "worker_ips": [hosts["b"].address]},
@@ -48,7 +53,7 @@ def _cluster_yaml(net, hosts, key: Path) -> dict:
         # which every host sees; the firewall line is the shipped one, for this network.
         "setup_commands": [firewall.replace("10.0.0.0/24", net.cidr),
                            f"{venv}/bin/python -c 'import dard, cluster' && test -f ~/dard/pyproject.toml"],
-        "head_start_ray_commands": [c.replace("~/dard-venv", venv) for c in cfg["head_start_ray_commands"]],
+        "head_start_ray_commands": head,
         "worker_start_ray_commands": [c.replace("~/dard-venv", venv) for c in cfg["worker_start_ray_commands"]],
     })
     return cfg
