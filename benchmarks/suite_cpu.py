@@ -39,7 +39,8 @@ def pytest_sessionfinish(session):
     wall, cpu = sum(r[1] for r in _ROWS), sum(r[2] for r in _ROWS)
     cores = os.cpu_count() or 1
     selected = session.config.option.markexpr  # -m "not ray": a tier of the suite
-    command = "python -m pytest -q -p benchmarks.suite_cpu" + (f' -m "{selected}"' if selected else "")
+    threads = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
+    command = threads + "python -m pytest -q -p benchmarks.suite_cpu" + (f' -m "{selected}"' if selected else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=session.config.rootpath, capture_output=True,
                             text=True).stdout.strip()
     facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
