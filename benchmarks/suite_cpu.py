@@ -1,6 +1,8 @@
 """A pytest plugin: each test's wall time and the CPU-seconds the whole machine was busy over it
 (/proc/stat: user, nice, system, irq, softirq; run it with nothing else on the machine), so that
-where the suite's time goes and how busy the cores are is measured, not guessed. Writes
+where the suite's time goes and how busy the cores are is measured, not guessed; and, for the
+whole run, the CPU-seconds a virtual machine's host took for others (steal), which slow every test
+alike without showing as busy. Writes
 ``benchmarks/results/suite-cpu.md`` and ``.json`` (or ``$SUITE_CPU_OUT.md|.json``).
 
     python -m pytest -q -p benchmarks.suite_cpu                 # the suite, ~11 min on 2 cores
@@ -20,10 +22,23 @@ import pytest
 _ROWS: list[tuple[str, float, float]] = []
 
 
-def _busy_cpu_s() -> float:
+def _ticks() -> list[int]:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _busy_cpu_s() -> float:
+    ticks = _ticks()
+    return (sum(ticks[:7]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _stolen_s() -> float:
+    """CPU-seconds the hypervisor gave to other machines while this one wanted them (steal)."""
+    return _ticks()[7] / os.sysconf("SC_CLK_TCK")
+
+
+_STOLEN_AT_START = _stolen_s()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -44,11 +59,13 @@ def pytest_sessionfinish(session):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=session.config.rootpath, capture_output=True,
                             text=True).stdout.strip()
     facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-             "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "command": command}
+             "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "stolen_s": _stolen_s() - _STOLEN_AT_START,
+             "command": command}
     Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS}, indent=1) + "\n")
     lines = [f"# Where the suite's time goes ({facts['date']})", "",
              f"`{facts['command']}` at {commit or 'an unknown commit'} on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
-             f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy). Per test, its fixtures "
+             f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy; "
+             f"{facts['stolen_s']:.0f} CPU-seconds stolen by the hypervisor). Per test, its fixtures "
              "included where they are built; the 20 longest:", "",
              "| test | wall | CPU | cores busy |", "|---|---:|---:|---:|"]
     lines += [f"| `{name}` | {w:.1f} s | {c:.1f} s | {100 * c / max(w, 1e-9) / cores:.0f} % |"
