@@ -160,6 +160,18 @@ def owns_ray(command):
                 raise RayRunError(error_line(err)) from err
             raise
         finally:
-            if started_here and running():
+            # After Ctrl-C or SIGTERM a Ray Train fit may still wait on Ray in its thread: shutting
+            # Ray down frees what it waits on, a segfault (exit -11; ray-project/ray#31145). The
+            # `dard` command then ends without Python's teardown (dard.cli.run), which ends a Ray it
+            # started too: Ray's processes share their driver's fate.
+            if started_here and running() and not fit_waiting():
                 sys.modules["ray"].shutdown()
     return wrapper
+
+
+FIT_THREAD = "ray-train-fit"  # the thread of cluster.train.fit_off_main_thread
+
+
+def fit_waiting() -> bool:
+    """A Ray Train fit still runs in its thread (an interrupt reached the main thread first)."""
+    return any(t.name == FIT_THREAD and t.is_alive() for t in threading.enumerate())
