@@ -91,3 +91,34 @@ def test_every_option_says_what_it_is():
 
     walk(make_parser(), "dard")
     assert not missing, missing
+
+
+def test_an_interrupted_command_with_ray_connected_ends_without_pythons_teardown(monkeypatch):
+    """After Ctrl-C (130) or SIGTERM (143) a Ray Train fit's thread may still wait on Ray, and Ray's
+    teardown at exit frees what it waits on (exit -11: ray-project/ray#31145): `dard` ends with
+    os._exit then; otherwise, and without Ray, with sys.exit."""
+    import os
+    import sys
+    import types
+
+    import pytest
+
+    from dard import cli
+
+    ended = []
+
+    def hard_exit(code):
+        ended.append(("os._exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", hard_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: ended.append(("logs flushed", None)))
+    for code, connected, how in [(130, True, "os._exit"), (143, True, "os._exit"), (130, False, "sys.exit"),
+                                 (0, True, "sys.exit"), (2, True, "sys.exit")]:
+        monkeypatch.setattr(cli, "main", lambda code=code: code)
+        monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda c=connected: c))
+        ended.clear()
+        with pytest.raises(SystemExit) as stop:
+            cli.run()
+        hard = [("logs flushed", None), ("os._exit", code)]
+        assert stop.value.code == code and ended == (hard if how == "os._exit" else [])
