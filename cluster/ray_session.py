@@ -160,10 +160,7 @@ def owns_ray(command):
                 raise RayRunError(error_line(err)) from err
             raise
         finally:
-            # After Ctrl-C or SIGTERM a Ray Train fit may still wait on Ray in its thread: shutting
-            # Ray down frees what it waits on, a segfault (exit -11; ray-project/ray#31145). The
-            # `dard` command then ends without Python's teardown (dard.cli.run), which ends a Ray it
-            # started too: Ray's processes share their driver's fate.
+            # not under a fit still waiting on Ray after a signal (why, and what ends it: dard.cli.run)
             if started_here and running() and not fit_waiting():
                 sys.modules["ray"].shutdown()
     return wrapper

@@ -805,7 +805,8 @@ def run() -> None:
     """The ``dard`` command: :func:`main`, then the process's exit. After Ctrl-C or SIGTERM a Ray
     Train fit may still wait on Ray in a thread of its own; Ray's teardown as Python exits would
     free what it waits on (a segfault, exit -11: ray-project/ray#31145). By then the command has
-    closed its runs and printed its line, so it ends without that teardown, its logs flushed."""
+    closed its runs and printed its line, so it ends without that teardown, its logs flushed; a Ray
+    it started goes down with it (Ray's processes share their driver's fate)."""
     code = main()
     ray = sys.modules.get("ray")
     if code in (130, 143) and ray is not None and ray.is_initialized():
