@@ -155,20 +155,14 @@ def owns_ray(command):
         started_here = not running()
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: Ray is left up (why, and what ends it: dard.cli.run)
+            started_here = False
+            raise
         except Exception as err:
             if _is_ray_error(err):
                 raise RayRunError(error_line(err)) from err
             raise
         finally:
-            # not under a fit still waiting on Ray after a signal (why, and what ends it: dard.cli.run)
-            if started_here and running() and not fit_waiting():
+            if started_here and running():
                 sys.modules["ray"].shutdown()
     return wrapper
-
-
-FIT_THREAD = "ray-train-fit"  # the thread of cluster.train.fit_off_main_thread
-
-
-def fit_waiting() -> bool:
-    """A Ray Train fit still runs in its thread (an interrupt reached the main thread first)."""
-    return any(t.name == FIT_THREAD and t.is_alive() for t in threading.enumerate())

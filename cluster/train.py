@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.fatal import fatal_channel, stop_everywhere
-from cluster.ray_session import FIT_THREAD, RayRunError, cluster_has_gpus, ensure_ray, error_line
+from cluster.ray_session import RayRunError, cluster_has_gpus, ensure_ray, error_line
 from dard.checkpoint import check_resumable, load_checkpoint, save_checkpoint, selection_metric
 from dard.config import Config
 from dard.engine import NonFiniteLossError, epoch_line
@@ -275,7 +275,7 @@ def fit_off_main_thread(trainer):
         except BaseException as err:  # noqa: BLE001 -- handed to the main thread as it is
             outcome["error"] = err
 
-    thread = threading.Thread(target=run, name=FIT_THREAD, daemon=True)
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)  # a bounded wait: signals are delivered between two

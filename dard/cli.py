@@ -802,11 +802,12 @@ def _main_thread() -> bool:
 
 
 def run() -> None:
-    """The ``dard`` command: :func:`main`, then the process's exit. After Ctrl-C or SIGTERM a Ray
-    Train fit may still wait on Ray in a thread of its own; Ray's teardown as Python exits would
-    free what it waits on (a segfault, exit -11: ray-project/ray#31145). By then the command has
-    closed its runs and printed its line, so it ends without that teardown, its logs flushed; a Ray
-    it started goes down with it (Ray's processes share their driver's fate)."""
+    """The ``dard`` command: :func:`main`, then the process's exit. After Ctrl-C or SIGTERM, Ray is
+    not shut down: threads may still be using it (a Ray Train fit waits in a thread of its own),
+    and shutting Ray down under them ended the process -11 or 1 instead of 130
+    (ray-project/ray#31145). By then the command has closed its runs and printed its line,
+    so it ends without Python's teardown, its logs flushed; a Ray it started goes down with it
+    (Ray's processes share their driver's fate)."""
     code = main()
     ray = sys.modules.get("ray")
     if code in (130, 143) and ray is not None and ray.is_initialized():
