@@ -94,9 +94,9 @@ def test_every_option_says_what_it_is():
 
 
 def test_an_interrupted_command_with_ray_connected_ends_without_pythons_teardown(monkeypatch):
-    """After Ctrl-C (130) or SIGTERM (143) a Ray Train fit's thread may still wait on Ray, and Ray's
-    teardown at exit frees what it waits on (exit -11: ray-project/ray#31145): `dard` ends with
-    os._exit then; otherwise, and without Ray, with sys.exit."""
+    """After Ctrl-C (130) or SIGTERM (143) threads may still use Ray (a Ray Train fit waits in its
+    own), and Ray's teardown under them ends the process -11 or 1 (ray-project/ray#31145): `dard`
+    ends with os._exit then, its logs flushed; otherwise, and without Ray, with sys.exit."""
     import os
     import sys
     import types

@@ -146,8 +146,8 @@ def test_two_hosts_ray_up_ddp_lose_a_host_and_expose_nothing_off_network(trained
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         jobs = {**env, "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265"}
 
-        def ray(*args: str, job_env=jobs, timeout=HANG_S) -> subprocess.CompletedProcess:
-            return c.run([str(BIN / "ray"), *args], env=job_env, timeout=timeout, cwd=REPO)
+        def ray(*args: str, job_env=jobs) -> subprocess.CompletedProcess:
+            return c.run([str(BIN / "ray"), *args], env=job_env, timeout=HANG_S, cwd=REPO)
 
         nodes, _ = _await(c, jobs, "nodes", f"{a.address}=ALIVE,{b.address}=ALIVE")
         monitor = sorted((a.folder / "tmp").glob("ray/session_2*/logs/monitor.*"))
