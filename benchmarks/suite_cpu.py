@@ -2,8 +2,9 @@
 (/proc/stat: user, nice, system, irq, softirq; run it with nothing else on the machine), so that
 where the suite's time goes and how busy the cores are is measured, not guessed; and, for the
 whole run, the CPU-seconds a virtual machine's host took for others (steal), which slow every test
-alike without showing as busy. Writes
-``benchmarks/results/suite-cpu.md`` and ``.json`` (or ``$SUITE_CPU_OUT.md|.json``).
+alike without showing as busy, and the CPU-seconds by kind of process (``benchmarks.process_cpu``,
+in a process beside the suite). Writes ``benchmarks/results/suite-cpu.md`` and ``.json`` (or
+``$SUITE_CPU_OUT.md|.json``).
 
     python -m pytest -q -p benchmarks.suite_cpu                 # the suite, ~11 min on 2 cores
     python -m pytest -q -p benchmarks.suite_cpu -m "not ray"    # the tests that start no Ray, ~3.5 min
@@ -14,10 +15,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.process_cpu import table
 
 _ROWS: list[tuple[str, float, float]] = []
 
@@ -39,6 +44,20 @@ def _stolen_s() -> float:
 
 
 _STOLEN_AT_START = _stolen_s()
+_PROCESSES = {"out": os.path.join(tempfile.mkdtemp(prefix="suite-cpu-"), "processes")}
+
+
+def pytest_sessionstart(session):
+    _PROCESSES["watcher"] = subprocess.Popen([sys.executable, "-m", "benchmarks.process_cpu", "--watch",
+                                              _PROCESSES["out"], str(os.getpid())], cwd=session.config.rootpath)
+
+
+def _processes() -> dict:
+    """The watcher's result: CPU-seconds by kind of process over the run."""
+    watcher = _PROCESSES["watcher"]
+    watcher.terminate()
+    watcher.wait(timeout=60)
+    return json.loads(Path(_PROCESSES["out"] + ".json").read_text())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -61,7 +80,8 @@ def pytest_sessionfinish(session):
     facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
              "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "stolen_s": _stolen_s() - _STOLEN_AT_START,
              "command": command}
-    Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS}, indent=1) + "\n")
+    processes = _processes()
+    Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS, "processes": processes}, indent=1) + "\n")
     lines = [f"# Where the suite's time goes ({facts['date']})", "",
              f"`{facts['command']}` at {commit or 'an unknown commit'} on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
              f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy; "
@@ -72,4 +92,7 @@ def pytest_sessionfinish(session):
               for name, w, c in sorted(_ROWS, key=lambda r: -r[1])[:20]]
     rest = sorted(_ROWS, key=lambda r: -r[1])[20:]
     lines.append(f"| the other {len(rest)} | {sum(r[1] for r in rest):.1f} s | {sum(r[2] for r in rest):.1f} s | |")
+    lines += ["", "## By process", "", *table(processes), "",
+              "`ray::Name`: Ray's actors and task workers of that class; \"the run's own process\": pytest, with the "
+              "tests in it and the Ray driver of those that use the suite's Ray."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")

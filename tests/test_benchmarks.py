@@ -40,3 +40,28 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
         assert rows[arm, "DARD"]["gflops_per_image"] > rows[arm, "SAT"]["gflops_per_image"] > 0
     assert result["precompute_images_per_s"] > 0
     assert "| fp32 | SAT |" in (out / "gpu.md").read_text() and "| fp32 | SAT |" in proc.stdout
+
+
+def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
+    """A command's child that burns about a second counts under its kind; a process that burned CPU
+    before the first look counts only what it used after it."""
+    from benchmarks.process_cpu import kind, main
+
+    assert kind(["ray::TrainController.run"]) == "ray::TrainController" and kind([]) is None
+    assert kind(["/v/bin/python", "-m", "dard.cli", "train", "--shards", "s"]) == "dard train"
+    assert kind(["/v/bin/python3.11", "/v/lib/site-packages/ray/_private/log_monitor.py", "--x"]) == "ray log monitor"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
+    (tmp_path / "before.py").write_text(burn.format(0.5) + "time.sleep(4)\n")
+    before = subprocess.Popen([sys.executable, str(tmp_path / "before.py")])
+    try:
+        import time
+
+        time.sleep(1.5)  # its half-second is spent before the looks start
+        outer = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn.format(1.0)!r}])"
+        assert main([str(tmp_path / "cpu"), "--", sys.executable, "-c", outer]) == 0
+    finally:
+        before.kill()
+    kinds = json.loads((tmp_path / "cpu.json").read_text())["kinds"]
+    assert 0.6 <= kinds["python -c"]["cpu_s"] <= 1.6 and kinds["python -c"]["processes"] == 1, kinds
+    assert kinds.get("python before.py", {"cpu_s": 0})["cpu_s"] < 0.2, kinds
+    assert "| `python -c` |" in (tmp_path / "cpu.md").read_text()
