@@ -25,6 +25,8 @@ INTERVAL_S = 0.5
 _HZ = os.sysconf("SC_CLK_TCK")
 ROOT = "the run's own process"  # under the suite_cpu plugin: pytest, the tests that run in it
 IDLE = "ray::IDLE"  # a pool worker Ray started and has not given work yet: its later title says whose it was
+RAY_WORKER = "a Ray worker before it named itself"  # its script, until it takes a title ray::Name
+_WORKER_SCRIPTS = ("/default_worker.py", "/setup_worker.py")
 # Ray's daemons, by the script they run (the actors and workers name themselves: ray::Name.method)
 _SCRIPTS = {"log_monitor.py": "ray log monitor", "dashboard/dashboard.py": "ray dashboard",
             "autoscaler/_private/monitor.py": "ray autoscaler", "bin/ray": "ray command", "bin/mlflow": "mlflow command"}
@@ -41,15 +43,21 @@ def kind(argv: list[str], is_root: bool = False) -> str | None:
     name = os.path.basename(argv[0])
     if name in ("raylet", "gcs_server", "sshd"):
         return name
-    if "python" not in name or len(argv) < 2:
+    if "python" not in name:
         return name
-    if argv[1] == "-m" and len(argv) > 2:
-        module = argv[2]
-        return f"dard {argv[3]}" if module == "dard.cli" and len(argv) > 3 else f"python -m {module}"
-    if argv[1] == "-c":
+    args = argv[1:]
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):  # interpreter flags: -u, -B, -Wignore
+        args = args[1:]
+    if not args:
+        return name
+    if args[0] == "-m" and len(args) > 1:
+        return f"dard {args[2]}" if args[1] == "dard.cli" and len(args) > 2 else f"python -m {args[1]}"
+    if args[0] == "-c":
         return "python -c"
-    return next((label for script, label in _SCRIPTS.items() if argv[1].endswith(script)),
-                f"python {os.path.basename(argv[1])}")
+    if args[0].endswith(_WORKER_SCRIPTS):
+        return RAY_WORKER
+    return next((label for script, label in _SCRIPTS.items() if args[0].endswith(script)),
+                f"python {os.path.basename(args[0])}")
 
 
 def _busy_cpu_s() -> float:
@@ -98,8 +106,8 @@ class Sampler:
             name = kind(argv, int(pid) == self.root)
             entry = self.seen.setdefault((pid, start), [name, cpu if self.first else 0.0, cpu])
             entry[2] = cpu
-            if name is not None and (entry[0] in (None, IDLE)):
-                entry[0] = name
+            if entry[0] in (None, IDLE) or name not in (None, IDLE) and name.startswith("ray::"):
+                entry[0] = name  # the title a process of Ray's takes says whose it is
         self.first = False
 
     def result(self) -> dict:

@@ -56,7 +56,8 @@ def _processes() -> dict:
     """The watcher's result: CPU-seconds by kind of process over the run."""
     watcher = _PROCESSES["watcher"]
     watcher.terminate()
-    watcher.wait(timeout=60)
+    if watcher.wait(timeout=60) != 0:
+        raise RuntimeError(f"benchmarks.process_cpu ended {watcher.returncode}: its traceback is above")
     return json.loads(Path(_PROCESSES["out"] + ".json").read_text())
 
 

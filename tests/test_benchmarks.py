@@ -45,11 +45,12 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
 def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
     """A command's child that burns about a second counts under its kind; a process that burned CPU
     before the first look counts only what it used after it."""
-    from benchmarks.process_cpu import kind, main
+    from benchmarks.process_cpu import RAY_WORKER, kind, main
 
     assert kind(["ray::TrainController.run"]) == "ray::TrainController" and kind([]) is None
     assert kind(["/v/bin/python", "-m", "dard.cli", "train", "--shards", "s"]) == "dard train"
-    assert kind(["/v/bin/python3.11", "/v/lib/site-packages/ray/_private/log_monitor.py", "--x"]) == "ray log monitor"
+    assert kind(["/v/bin/python3.11", "-u", "/v/site-packages/ray/_private/log_monitor.py", "--x"]) == "ray log monitor"
+    assert kind(["/v/bin/python", "-u", "/v/site-packages/ray/_private/workers/default_worker.py"]) == RAY_WORKER
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
     (tmp_path / "before.py").write_text(burn.format(0.5) + "time.sleep(4)\n")
     before = subprocess.Popen([sys.executable, str(tmp_path / "before.py")])
