@@ -12,11 +12,13 @@ The suite_cpu plugin runs it beside the suite (the second table of ``suite-cpu.m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -46,13 +48,13 @@ def kind(argv: list[str], is_root: bool = False) -> str | None:
     if "python" not in name:
         return name
     args = argv[1:]
-    while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):  # interpreter flags: -u, -B, -Wignore
-        args = args[1:]
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):  # interpreter flags: -u, -B, -W ignore
+        args = args[2:] if args[0] in ("-W", "-X") else args[1:]
     if not args:
         return name
     if args[0] == "-m" and len(args) > 1:
         return f"dard {args[2]}" if args[1] == "dard.cli" and len(args) > 2 else f"python -m {args[1]}"
-    if args[0] == "-c":
+    if args[0] == "-c" or any(c in args[0] for c in " '\";"):  # code given as an argument
         return "python -c"
     if args[0].endswith(_WORKER_SCRIPTS):
         return RAY_WORKER
@@ -60,11 +62,22 @@ def kind(argv: list[str], is_root: bool = False) -> str | None:
                 f"python {os.path.basename(args[0])}")
 
 
-def _busy_cpu_s() -> float:
-    """The machine's busy CPU-seconds (/proc/stat: user, nice, system, irq, softirq)."""
+def _ticks() -> list[int]:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def busy_cpu_s() -> float:
+    """CPU-seconds the whole machine has been busy (user, nice, system, irq, softirq): run with
+    nothing else on it."""
+    ticks = _ticks()
     return (sum(ticks[:7]) - ticks[3] - ticks[4]) / _HZ
+
+
+def stolen_s() -> float:
+    """CPU-seconds the hypervisor gave to other machines while this one wanted them (steal)."""
+    return _ticks()[7] / _HZ
 
 
 def _look(pid: str) -> tuple[str, float, list[str]] | None:
@@ -81,21 +94,18 @@ def _look(pid: str) -> tuple[str, float, list[str]] | None:
 
 
 class Sampler:
-    """Looks at every process; :meth:`result` sums what each kind used between the first look and now."""
+    """Looks at every process; :meth:`result` sums what each kind used between the first look and now.
+    ``new_only``: only the processes started after the first look."""
 
-    def __init__(self, root: int | None = None):
-        self.root, self.me = root, os.getpid()
+    def __init__(self, root: int | None = None, new_only: bool = False):
+        self.root, self.me, self.new_only = root, os.getpid(), new_only
+        self.before: set[tuple[str, str]] = set()
         self.seen: dict[tuple[str, str], list] = {}  # (pid, start) -> [kind, CPU at first look, CPU at last]
-        self.started, self.busy_at_start, self.own_at_start = time.monotonic(), _busy_cpu_s(), self._own()
-        self.first = True
-
-    @staticmethod
-    def _own() -> float:
-        """This process's CPU-seconds (the looks' cost: they are not in any kind)."""
-        own = os.times()
-        return own.user + own.system
+        self.started, self.busy_at_start = time.monotonic(), busy_cpu_s()
+        self.first, self.looks_cpu_s = True, 0.0  # what the looks cost: in no kind
 
     def look(self) -> None:
+        started = time.thread_time()
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == self.me:
                 continue
@@ -104,11 +114,15 @@ class Sampler:
                 continue
             start, cpu, argv = found
             name = kind(argv, int(pid) == self.root)
+            if self.first and self.new_only or (pid, start) in self.before:
+                self.before.add((pid, start))  # there before the first look: not counted
+                continue
             entry = self.seen.setdefault((pid, start), [name, cpu if self.first else 0.0, cpu])
             entry[2] = cpu
             if entry[0] in (None, IDLE) or name not in (None, IDLE) and name.startswith("ray::"):
                 entry[0] = name  # the title a process of Ray's takes says whose it is
         self.first = False
+        self.looks_cpu_s += time.thread_time() - started
 
     def result(self) -> dict:
         kinds: dict[str, dict] = defaultdict(lambda: {"cpu_s": 0.0, "processes": 0})
@@ -116,8 +130,8 @@ class Sampler:
             if name is not None and last > first:
                 kinds[name]["cpu_s"] += last - first
                 kinds[name]["processes"] += 1
-        return {"seconds": time.monotonic() - self.started, "busy_cpu_s": _busy_cpu_s() - self.busy_at_start,
-                "sampler_cpu_s": self._own() - self.own_at_start,
+        return {"seconds": time.monotonic() - self.started, "busy_cpu_s": busy_cpu_s() - self.busy_at_start,
+                "sampler_cpu_s": self.looks_cpu_s,
                 "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["cpu_s"]))}
 
 
@@ -134,6 +148,26 @@ def table(result: dict, rows: int = 25) -> list[str]:
         lines.append(f"| {len(rest)} other kinds | {sum(k['cpu_s'] for _, k in rest):.1f} | "
                      f"{sum(k['processes'] for _, k in rest)} |")
     return lines
+
+
+@contextlib.contextmanager
+def watching(new_only: bool = False):
+    """A :class:`Sampler` looking from a thread while in the block (call its ``result()`` after)."""
+    sampler, stop = Sampler(new_only=new_only), threading.Event()
+    sampler.look()  # before the block starts anything
+
+    def looks():
+        while not stop.wait(INTERVAL_S):
+            sampler.look()
+
+    thread = threading.Thread(target=looks, daemon=True)
+    thread.start()
+    try:
+        yield sampler
+    finally:
+        stop.set()
+        thread.join()
+        sampler.look()
 
 
 def watch(out: str, root: int | None = None, until=lambda: False) -> dict:

@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.process_cpu import busy_cpu_s, watching  # noqa: E402 (the repo on the path first)
+
 
 def _entered(config):  # the bare train function: the time it starts
     Path(config["marker"]).write_text(str(time.time()))
@@ -36,54 +38,6 @@ class FirstStep:
         path = Path(f"{self.marker}.{rank}")
         if not path.exists():
             path.write_text(str(time.time()))
-
-
-def busy_cpu_s() -> float:
-    """CPU-seconds the whole machine has been busy (user, nice, system, irq, softirq), /proc/stat."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-class NewProcesses:
-    """CPU-seconds of each process started while in the block, by its title (a thread polls them)."""
-
-    def __init__(self):
-        import threading
-
-        import psutil
-
-        self.before = {p.pid for p in psutil.process_iter()}
-        self.seen: dict[int, tuple[str, float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        import psutil
-
-        while not self._stop.is_set():
-            for p in psutil.process_iter():
-                if p.pid not in self.before:
-                    try:
-                        t = p.cpu_times()
-                        self.seen[p.pid] = (p.name(), t.user + t.system)
-                    except psutil.Error:
-                        pass
-            self._stop.wait(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def by_title(self) -> dict[str, list[float]]:
-        titles: dict[str, list[float]] = {}
-        for name, cpu in self.seen.values():
-            titles.setdefault(name, []).append(cpu)
-        return dict(sorted(titles.items(), key=lambda kv: -sum(kv[1])))
 
 
 def bare_fit(tmp: Path, workers: int, i: int) -> tuple[float, float, float]:
@@ -139,9 +93,9 @@ def main() -> None:
                          "total_s": statistics.median(t[1] for t in times),
                          "cpu_s": statistics.median(t[2] for t in times), "runs": times})
             print(rows[-1], flush=True)
-    with NewProcesses() as new:  # what one bare 2-worker fit starts, and what each costs
+    with watching(new_only=True) as new:  # what one bare 2-worker fit starts, and what each costs
         bare_fit(tmp, 2, args.repeats)
-    processes = new.by_title()
+    processes = new.result()["kinds"]
     import ray
     import torch
 
@@ -161,7 +115,7 @@ def main() -> None:
               f"{r['cpu_s']:.1f} s |" for r in rows]
     lines += ["", "The processes one bare 2-worker fit starts (each a Python that imports Ray Train), and their "
               "CPU-seconds:", "", "| process | count | CPU |", "|---|---:|---:|"]
-    lines += [f"| `{title}` | {len(cpu)} | {sum(cpu):.1f} s |" for title, cpu in processes.items()]
+    lines += [f"| `{name}` | {k['processes']} | {k['cpu_s']:.1f} s |" for name, k in processes.items()]
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print(Path(f"{args.out}.md").read_text())
 

@@ -22,28 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.process_cpu import table
+from benchmarks.process_cpu import busy_cpu_s, stolen_s, table
 
 _ROWS: list[tuple[str, float, float]] = []
 
 
-def _ticks() -> list[int]:
-    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
-def _busy_cpu_s() -> float:
-    ticks = _ticks()
-    return (sum(ticks[:7]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _stolen_s() -> float:
-    """CPU-seconds the hypervisor gave to other machines while this one wanted them (steal)."""
-    return _ticks()[7] / os.sysconf("SC_CLK_TCK")
-
-
-_STOLEN_AT_START = _stolen_s()
+_STOLEN_AT_START = stolen_s()
 _PROCESSES = {"out": os.path.join(tempfile.mkdtemp(prefix="suite-cpu-"), "processes")}
 
 
@@ -64,9 +48,9 @@ def _processes() -> dict:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Setup, call and teardown of one test: fixtures count where they are built."""
-    wall, cpu = time.monotonic(), _busy_cpu_s()
+    wall, cpu = time.monotonic(), busy_cpu_s()
     yield
-    _ROWS.append((item.nodeid, time.monotonic() - wall, _busy_cpu_s() - cpu))
+    _ROWS.append((item.nodeid, time.monotonic() - wall, busy_cpu_s() - cpu))
 
 
 def pytest_sessionfinish(session):
@@ -79,7 +63,7 @@ def pytest_sessionfinish(session):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=session.config.rootpath, capture_output=True,
                             text=True).stdout.strip()
     facts = {"machine": f"{platform.machine()}, {cores} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-             "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "stolen_s": _stolen_s() - _STOLEN_AT_START,
+             "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "stolen_s": stolen_s() - _STOLEN_AT_START,
              "command": command}
     processes = _processes()
     Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS, "processes": processes}, indent=1) + "\n")

@@ -44,8 +44,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
 
 def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
     """A command's child that burns about a second counts under its kind; a process that burned CPU
-    before the first look counts only what it used after it."""
-    from benchmarks.process_cpu import RAY_WORKER, kind, main
+    before the first look counts only what it used after it, and not at all with ``new_only``."""
+    from benchmarks.process_cpu import RAY_WORKER, kind, main, watching
 
     assert kind(["ray::TrainController.run"]) == "ray::TrainController" and kind([]) is None
     assert kind(["/v/bin/python", "-m", "dard.cli", "train", "--shards", "s"]) == "dard train"
@@ -60,6 +60,9 @@ def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
         time.sleep(1.5)  # its half-second is spent before the looks start
         outer = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn.format(1.0)!r}])"
         assert main([str(tmp_path / "cpu"), "--", sys.executable, "-c", outer]) == 0
+        with watching(new_only=True) as looks:
+            subprocess.run([sys.executable, "-c", burn.format(0.5)], check=True)
+        assert set(looks.result()["kinds"]) == {"python -c"}, looks.result()
     finally:
         before.kill()
     kinds = json.loads((tmp_path / "cpu.json").read_text())["kinds"]
