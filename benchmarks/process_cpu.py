@@ -38,6 +38,8 @@ def kind(argv: list[str], is_root: bool = False) -> str | None:
     """The name a process counts under, from its command line; None for a kernel thread."""
     if not argv:
         return None
+    if " " in argv[0] and not argv[0].startswith("ray::"):  # a title set as one string: its words
+        argv = argv[0].split() + argv[1:]
     if is_root:
         return ROOT
     if argv[0].startswith("ray::"):

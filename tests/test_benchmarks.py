@@ -51,6 +51,7 @@ def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
     assert kind(["/v/bin/python", "-m", "dard.cli", "train", "--shards", "s"]) == "dard train"
     assert kind(["/v/bin/python3.11", "-u", "/v/site-packages/ray/_private/log_monitor.py", "--x"]) == "ray log monitor"
     assert kind(["/v/bin/python", "-u", "/v/site-packages/ray/_private/workers/default_worker.py"]) == RAY_WORKER
+    assert kind(["/v/bin/python -c import sys; sys.path = ['/v/site-packages']"]) == "python -c"
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
     (tmp_path / "before.py").write_text(burn.format(0.5) + "time.sleep(4)\n")
     before = subprocess.Popen([sys.executable, str(tmp_path / "before.py")])
