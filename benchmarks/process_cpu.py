@@ -31,7 +31,8 @@ RAY_WORKER = "a Ray worker before it named itself"  # its script, until it takes
 _WORKER_SCRIPTS = ("/default_worker.py", "/setup_worker.py")
 # Ray's daemons, by the script they run (the actors and workers name themselves: ray::Name.method)
 _SCRIPTS = {"log_monitor.py": "ray log monitor", "dashboard/dashboard.py": "ray dashboard",
-            "autoscaler/_private/monitor.py": "ray autoscaler", "bin/ray": "ray command", "bin/mlflow": "mlflow command"}
+            "autoscaler/_private/monitor.py": "ray autoscaler", "bin/ray": "ray command",
+            "bin/mlflow": "mlflow command"}
 
 
 def kind(argv: list[str], is_root: bool = False) -> str | None:
@@ -141,7 +142,8 @@ def table(result: dict, rows: int = 25) -> list[str]:
     """Markdown lines: the kinds by CPU-seconds, and what the looks did not see."""
     kinds = list(result["kinds"].items())
     seen = sum(k["cpu_s"] for _, k in kinds)
-    lines = [f"{seen:,.0f} of the machine's {result['busy_cpu_s']:,.0f} busy CPU-seconds over {result['seconds']:.0f} s "
+    busy, seconds = result["busy_cpu_s"], result["seconds"]
+    lines = [f"{seen:,.0f} of the machine's {busy:,.0f} busy CPU-seconds over {seconds:.0f} s "
              f"are seen in a process (the looks themselves: {result['sampler_cpu_s']:.0f}), by kind:", "",
              "| process | CPU-seconds | processes |", "|---|---:|---:|"]
     lines += [f"| `{name}` | {k['cpu_s']:.1f} | {k['processes']} |" for name, k in kinds[:rows]]
@@ -197,7 +199,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--watch"]:  # the suite_cpu plugin's: ``--watch OUT ROOT_PID``
-        watch(sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1:2] == ["--watch"]:  # the suite_cpu plugin's: ``--watch OUT ROOT_PID``, until SIGTERM or its end
+        watch(sys.argv[2], int(sys.argv[3]), until=lambda: not os.path.exists(f"/proc/{sys.argv[3]}"))
     else:
         sys.exit(main(sys.argv[1:]))

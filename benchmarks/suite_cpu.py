@@ -66,7 +66,8 @@ def pytest_sessionfinish(session):
              "tests": len(_ROWS), "wall_s": wall, "cpu_s": cpu, "stolen_s": stolen_s() - _STOLEN_AT_START,
              "command": command}
     processes = _processes()
-    Path(f"{out}.json").write_text(json.dumps({"facts": facts, "tests": _ROWS, "processes": processes}, indent=1) + "\n")
+    record = {"facts": facts, "tests": _ROWS, "processes": processes}
+    Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# Where the suite's time goes ({facts['date']})", "",
              f"`{facts['command']}` at {commit or 'an unknown commit'} on {facts['machine']}: {len(_ROWS)} tests, {wall:.0f} s, "
              f"{cpu:,.0f} CPU-seconds (the cores {100 * cpu / max(wall, 1e-9) / cores:.0f} % busy; "
