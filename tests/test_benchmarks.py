@@ -42,9 +42,10 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert "| fp32 | SAT |" in (out / "gpu.md").read_text() and "| fp32 | SAT |" in proc.stdout
 
 
-def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
-    """A command's child that burns about a second counts under its kind; a process that burned CPU
-    before the first look counts only what it used after it, and not at all with ``new_only``."""
+def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path, monkeypatch):
+    """A command's grandchild that burns half a second counts under its kind; a process that burned
+    CPU before the first look counts only what it used after it, and not at all with ``new_only``."""
+    from benchmarks import process_cpu
     from benchmarks.process_cpu import RAY_WORKER, kind, main, watching
 
     assert kind(["ray::TrainController.run"]) == "ray::TrainController" and kind([]) is None
@@ -52,21 +53,23 @@ def test_process_cpu_counts_each_kind_from_its_first_look(tmp_path):
     assert kind(["/v/bin/python3.11", "-u", "/v/site-packages/ray/_private/log_monitor.py", "--x"]) == "ray log monitor"
     assert kind(["/v/bin/python", "-u", "/v/site-packages/ray/_private/workers/default_worker.py"]) == RAY_WORKER
     assert kind(["/v/bin/python -c import sys; sys.path = ['/v/site-packages']"]) == "python -c"
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
-    (tmp_path / "before.py").write_text(burn.format(0.5) + "time.sleep(4)\n")
-    before = subprocess.Popen([sys.executable, str(tmp_path / "before.py")])
+    monkeypatch.setattr(process_cpu, "INTERVAL_S", 0.1)
+    # burn, then live on past a few looks: a process counts what it had used at its last look
+    burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\nprint(flush=True)\n"
+    for name, seconds, then in (("before", 0.3, 30), ("burn", 0.5, 1), ("fresh", 0.1, 0.5)):
+        (tmp_path / f"{name}.py").write_text(burn.format(seconds) + f"time.sleep({then})\n")
+    before = subprocess.Popen([sys.executable, str(tmp_path / "before.py")], stdout=subprocess.PIPE, text=True)
     try:
-        import time
-
-        time.sleep(1.5)  # its half-second is spent before the looks start
-        outer = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn.format(1.0)!r}])"
+        before.stdout.readline()  # its burn is over before the looks start
+        outer = f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'burn.py')!r}])"
         assert main([str(tmp_path / "cpu"), "--", sys.executable, "-c", outer]) == 0
         with watching(new_only=True) as looks:
-            subprocess.run([sys.executable, "-c", burn.format(0.5)], check=True)
-        assert set(looks.result()["kinds"]) == {"python -c"}, looks.result()
+            subprocess.run([sys.executable, str(tmp_path / "fresh.py")], check=True)
+        fresh = looks.result()["kinds"]
+        assert "python fresh.py" in fresh and "python before.py" not in fresh, fresh
     finally:
         before.kill()
     kinds = json.loads((tmp_path / "cpu.json").read_text())["kinds"]
-    assert 0.6 <= kinds["python -c"]["cpu_s"] <= 1.6 and kinds["python -c"]["processes"] == 1, kinds
-    assert kinds.get("python before.py", {"cpu_s": 0})["cpu_s"] < 0.2, kinds
-    assert "| `python -c` |" in (tmp_path / "cpu.md").read_text()
+    assert 0.4 <= kinds["python burn.py"]["cpu_s"] <= 1.0 and kinds["python burn.py"]["processes"] == 1, kinds
+    assert kinds.get("python before.py", {"cpu_s": 0})["cpu_s"] < 0.1, kinds
+    assert "| `python burn.py` |" in (tmp_path / "cpu.md").read_text()
