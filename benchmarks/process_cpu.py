@@ -192,7 +192,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m benchmarks.process_cpu OUT -- COMMAND ...", file=sys.stderr)
         return 2
     out, command = argv[0], argv[2:]
-    child = subprocess.Popen(command)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as err:
+        print(f"process_cpu: cannot run {command[0]}: {err.strerror}", file=sys.stderr)
+        return 2
     result = watch(out, child.pid, until=lambda: child.poll() is not None)
     Path(f"{out}.md").write_text("\n".join([f"# CPU by process: `{' '.join(command)}`", "", *table(result)]) + "\n")
     return child.wait()
