@@ -155,9 +155,9 @@ def table(result: dict, rows: int = 25) -> list[str]:
 
 
 @contextlib.contextmanager
-def watching(new_only: bool = False):
+def watching(root: int | None = None, new_only: bool = False):
     """A :class:`Sampler` looking from a thread while in the block (call its ``result()`` after)."""
-    sampler, stop = Sampler(new_only=new_only), threading.Event()
+    sampler, stop = Sampler(root, new_only), threading.Event()
     sampler.look()  # before the block starts anything
 
     def looks():
@@ -176,12 +176,11 @@ def watching(new_only: bool = False):
 
 def watch(out: str, root: int | None = None, until=lambda: False) -> dict:
     """Look until SIGTERM or ``until()``; write ``out``.json and return the result."""
-    sampler, stop = Sampler(root), []
+    stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    while not stop and not until():
-        sampler.look()
-        time.sleep(INTERVAL_S)
-    sampler.look()
+    with watching(root) as sampler:
+        while not stop and not until():
+            time.sleep(INTERVAL_S)
     result = sampler.result()
     Path(f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
