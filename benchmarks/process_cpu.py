@@ -116,10 +116,10 @@ class Sampler:
             if found is None:
                 continue
             start, cpu, argv = found
-            name = kind(argv, int(pid) == self.root)
             if self.first and self.new_only or (pid, start) in self.before:
                 self.before.add((pid, start))  # there before the first look: not counted
                 continue
+            name = kind(argv, int(pid) == self.root)
             entry = self.seen.setdefault((pid, start), [name, cpu if self.first else 0.0, cpu])
             entry[2] = cpu
             if entry[0] in (None, IDLE) or name not in (None, IDLE) and name.startswith("ray::"):

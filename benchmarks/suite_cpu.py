@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,9 @@ def _processes() -> dict:
     watcher.terminate()
     if watcher.wait(timeout=60) != 0:
         raise RuntimeError(f"benchmarks.process_cpu ended {watcher.returncode}: its traceback is above")
-    return json.loads(Path(_PROCESSES["out"] + ".json").read_text())
+    result = json.loads(Path(_PROCESSES["out"] + ".json").read_text())
+    shutil.rmtree(os.path.dirname(_PROCESSES["out"]))  # the watcher's own folder: its result is in ours now
+    return result
 
 
 @pytest.hookimpl(hookwrapper=True)
