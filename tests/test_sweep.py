@@ -75,6 +75,7 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     code, err, timeline = signal_when(args, signal.SIGTERM, a_trial_finished)
     assert code == 143, timeline
     assert err.strip().splitlines()[-1].startswith("dard sweep: terminated:") and "Traceback" not in err, timeline
+    assert not re.search(r"^\[I \d{4}-", err, re.M), err  # Optuna's INFO lines go to dard.log, not the console
     parents, children = first_children()
     assert len(parents) == 1 and parents[0].info.status == "KILLED"  # closed as stopped; --resume reopens it
     assert not any(k.startswith("best.") for k in parents[0].data.tags)
@@ -105,6 +106,9 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "registered dard-digits-png-cnn_small v1" in out and "new champion" in out
+    # the console has dard's lines only: Tune's experiment box and TensorBoard hint are not printed
+    ours = ("epoch ", "trial ", "sweep first:", "best parameters:", "MLflow parent run ", "registered ")
+    assert all(line.startswith(ours) for line in out.splitlines() if line.strip()), out
     parents, children = first_children()
     assert len(parents) == 1  # the same parent run continues
     finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +188,8 @@ def sweep(cfg: Config, shards: str, space: str | dict, *, trials: int | None = N
     tuner = _tuner(ctx, space_dict, watcher, resume=resume, storage=storage, trials=trials,
                    max_concurrent=max_concurrent, grace_period=grace_period, seed=seed)
     try:
-        grid = tuner.fit()
+        with _tune_console():
+            grid = tuner.fit()
     except BaseException:  # a signal (SIGTERM, Ctrl-C) or a failure: resumable, and said so
         _stopped(experiment_path, uri, parent_run_id, cfg.optim.epochs)
         raise
@@ -209,6 +212,30 @@ def _stopped(experiment_path: str, uri: str, parent_run_id: str, epochs: int) ->
         store.set_terminated(parent_run_id, "KILLED")
 
 
+@contextmanager
+def _tune_console():
+    """Tune's console while a sweep runs: its status table with --verbose, nothing without. At
+    verbose=0 Tune's default output engine still prints an experiment box, the results folder and a
+    TensorBoard command for Ray's session folder; its other engine (``RAY_AIR_NEW_OUTPUT=0``, read
+    as ``fit`` starts) prints nothing there."""
+    if _tune_verbose():
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _tune_verbose() -> int:
+    return 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
+
+
 def _tuner(ctx: dict, space: dict, watcher, *, resume: bool, storage: str, trials: int, max_concurrent: int,
            grace_period: int, seed: int):
     """The Tuner of a new sweep, or of one restored from its (sealed, checked) folder."""
@@ -218,7 +245,7 @@ def _tuner(ctx: dict, space: dict, watcher, *, resume: bool, storage: str, trial
 
     cfg, name = ctx["run"], ctx["name"]
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
-    tune_verbose = 1 if log.isEnabledFor(logging.INFO) else 0  # Tune's status table only with --verbose
+    tune_verbose = _tune_verbose()
     if resume:
         check_sealed(ctx["storage"], tracking_client(ctx["tracking_uri"])[0], ctx["parent_run_id"])  # before Tune unpickles
         tuner = tune.Tuner.restore(ctx["storage"], trainable=trainable, resume_unfinished=True,
@@ -229,13 +256,20 @@ def _tuner(ctx: dict, space: dict, watcher, *, resume: bool, storage: str, trial
         restored = restored_run_config(tuner)
         restored.callbacks, restored.verbose = [watcher], tune_verbose
         return tuner
+    search = None  # Optuna needs at least one distribution; an all-fixed space just runs that point
+    if any(isinstance(v, dict) for v in space.values()):
+        import optuna
+
+        # Optuna's INFO lines ("A new study created ...") through logging to dard.log, not its own console handler
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+        search = OptunaSearch(seed=seed)
     return tune.Tuner(
         trainable,
         param_space=to_tune(space),
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=max_concurrent,
-            # Optuna needs at least one distribution; an all-fixed space just runs that point.
-            search_alg=OptunaSearch(seed=seed) if any(isinstance(v, dict) for v in space.values()) else None,
+            search_alg=search,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                     grace_period=min(grace_period, cfg.optim.epochs))),
         # Tune's status table (every parameter, every few seconds) only with --verbose; the
