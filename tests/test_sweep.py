@@ -109,6 +109,8 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     # the console has dard's lines only: Tune's experiment box and TensorBoard hint are not printed
     ours = ("epoch ", "trial ", "sweep first:", "best parameters:", "MLflow parent run ", "registered ")
     assert all(line.startswith(ours) for line in out.splitlines() if line.strip()), out
+    reported = re.search(r"best validation robust \(PGD\+CW\) accuracy (\S+%)", out).group(1)
+    assert f"(val_robust_acc {reported})" in out  # what the sweep reports is what the model it registers scored
     parents, children = first_children()
     assert len(parents) == 1  # the same parent run continues
     finished = [c.data.tags["dard.trial_id"] for c in children if c.info.status == "FINISHED"]
@@ -136,6 +138,34 @@ def test_sweep_interrupted_resumed_and_registered(sweep_env, tmp_path, capsys):
     assert main(["registry", "show", "dard-digits-png-cnn_small", "--tracking-uri", sweep_env["uri"]]) == 0
     shown = capsys.readouterr().out
     assert "v1" in shown and "aliases=champion" in shown
+
+
+def test_the_best_trial_is_the_one_whose_kept_epoch_is_best(tmp_path):
+    """Trial A ends higher than B, but B keeps an earlier epoch better than any of A's: B wins, with
+    the metrics of the epoch it keeps (the model it registers), not of its last."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dard.checkpoint import checkpoint_state, note_best, save_checkpoint
+    from tuning.sweep import _best
+
+    def trial(name, scores):
+        model, history, best = torch.nn.Linear(2, 2), [], None
+        for epoch, score in enumerate(scores):
+            history.append({"epoch": epoch, "val_robust_acc": score, "val_natural_acc": 0.5})
+            best = note_best(best, epoch, history[-1], model, "val_robust_acc")
+        (tmp_path / name).mkdir()
+        state = checkpoint_state(model, torch.optim.SGD(model.parameters(), lr=0.1), None, len(scores) - 1, {},
+                                 history, {"best": best})
+        save_checkpoint(tmp_path / name / "checkpoint.pt", state)
+        return SimpleNamespace(metrics={"checkpoint_path": str(tmp_path / name), "val_robust_acc": scores[-1]})
+
+    a, b = trial("a", [0.10, 0.20, 0.30]), trial("b", [0.10, 0.40, 0.25])
+    kept, best = _best([a, b])
+    assert best is b and kept["epoch"] == 1 and kept["val_robust_acc"] == 0.40
+    kept, best = _best([a, trial("c", [0.3, 0.2, 0.1])])
+    assert best is a and kept["epoch"] == 2  # a tie: the first
 
 
 def test_bad_inputs_fail_before_any_trial(sweep_env, capsys):

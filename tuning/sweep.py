@@ -28,9 +28,10 @@ from typing import Any
 
 from cluster.ray_session import cluster_has_gpus, ensure_ray
 from cluster.train import train_distributed
-from dard.checkpoint import load_checkpoint
+from dard.checkpoint import load_checkpoint, selected
 from dard.config import Config
 from dard.files import absolute, exists, make_dirs, read_bytes, within, write_bytes
+from dard.logs import percent
 from dard.registry import METRIC as OBJECTIVE  # validation PGD + CW robust accuracy
 from dard.tracking import EpochLogger, check_tracking_uri, client as tracking_client, log_model
 from dard.training import open_shards, save_selected
@@ -49,7 +50,7 @@ class SweepInterrupted(KeyboardInterrupt):
 @dataclass
 class SweepResult:
     best_params: dict[str, Any]
-    best_metrics: dict[str, Any]
+    best_metrics: dict[str, Any]  # of the epoch the best trial keeps (registers): its checkpoint history's entry
     best_checkpoint: str
     best_run_id: str | None
     parent_run_id: str
@@ -78,9 +79,10 @@ def _ended_trials_callback():
             result = trial.last_result or {}
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in trial.config.items() if k != "method")
-            score = f"{100 * result[OBJECTIVE]:.1f}%" if OBJECTIVE in result else "n/a"
-            print(f"trial {trial.trial_id}: {result.get('epoch', -1) + 1} epochs, "
-                  f"validation robust accuracy {score} ({params})", flush=True)
+            held = _held_epoch(result) if "checkpoint_path" in result else {}
+            kept = (f"keeps epoch {held['epoch'] + 1}: validation robust accuracy {percent(held[OBJECTIVE])}"
+                    if OBJECTIVE in held else "validation robust accuracy n/a")
+            print(f"trial {trial.trial_id}: {result.get('epoch', -1) + 1} epochs, {kept} ({params})", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.live.discard(trial.trial_id)
@@ -304,9 +306,8 @@ def _settle(grid, cfg: Config, ctx: dict, watcher, trials: int) -> SweepResult:
         errors = [str(r.error)[:300] for r in grid if r.error]
         raise RuntimeError(f"sweep {name}: no trial finished all {cfg.optim.epochs} epochs (epochs reached: {seen}; "
                            f"errors: {errors}); see {experiment_path}")
-    best = max(finished, key=lambda r: r.metrics[OBJECTIVE])
+    best_metrics, best = _best(finished)
     best_params = dict(best.config)
-    best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str))}
     _close_children(uri, parent_run_id, cfg.optim.epochs, finished_ids)
     best_run_id = _child_run_for(uri, parent_run_id, best.metrics.get("trial_id"))
     if best_run_id:
@@ -315,6 +316,22 @@ def _settle(grid, cfg: Config, ctx: dict, watcher, trials: int) -> SweepResult:
     _summarise_parent(uri, parent_run_id, best_params, best_metrics, len(grid))
     return SweepResult(best_params, best_metrics, best.metrics["checkpoint_path"], best_run_id, parent_run_id,
                        len(grid), str(experiment_path))
+
+
+def _best(finished: list) -> tuple[dict, Any]:
+    """(the metrics of the epoch it keeps, its Tune result) of the trial whose model would register
+    best: ranked by the validation robust accuracy of the epoch each trial keeps, not of its last
+    epoch (the first wins a tie)."""
+    return max(((_held_epoch(r.metrics), r) for r in finished), key=lambda pair: pair[0][OBJECTIVE])
+
+
+def _held_epoch(result: dict) -> dict:
+    """The metrics of the epoch whose weights a trial keeps (its last checkpoint's selected epoch,
+    :func:`dard.checkpoint.selected`: the best on validation), from a Tune ``result`` that names the
+    checkpoint."""
+    state = load_checkpoint(within(result["checkpoint_path"], "checkpoint.pt"))
+    epoch = selected(state)[1]
+    return next(h for h in state["history"] if h.get("epoch") == epoch)
 
 
 def _log_best_model(uri: str, run_id: str, checkpoint_path: str, cfg: Config, out: str) -> None:
