@@ -66,9 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if tracked is not None:
             tracked.finish(result.model_path)
     print(f"{cfg.loss.method} {cfg.model.arch} on {cfg.data.dataset}, {args.workers} workers on "
-          f"{result.metrics.get('nodes', 1)} node(s): "
-          f"{validation_summary(cfg, result.metrics)} (the weights of epoch {result.metrics['selected_epoch'] + 1}/"
-          f"{cfg.optim.epochs}, the best on validation)")
+          f"{result.metrics.get('nodes', 1)} node(s): {validation_summary(cfg, result.metrics)}")
     print(f"model: {result.model_path}\ncheckpoint: {result.checkpoint_dir}\nRay run: {result.run_path}")
     if tracked is not None:
         print(f"MLflow run {tracked.run_id} in {uri} (`dard registry promote --run-id {tracked.run_id} --tracking-uri {uri}`)")

@@ -199,10 +199,16 @@ def run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cf
 
 
 def validation_summary(cfg: Config, metrics: dict) -> str:
-    """The final validation accuracies, as a command's closing line says them."""
-    nan = float("nan")
-    return (f"validation natural {percent(metrics.get('val_natural_acc', nan))}, "
-            f"PGD-{cfg.run.eval_pgd_steps} {percent(metrics.get('val_pgd_acc', nan))}")
+    """A command's closing line: the validation accuracies of the epoch its model file holds
+    (``selected_epoch``, when ``metrics`` name it), the one that chose it (PGD+CW) included."""
+    nan, k = float("nan"), cfg.run.eval_pgd_steps
+    said = (f"validation natural {percent(metrics.get('val_natural_acc', nan))}, "
+            f"PGD-{k} {percent(metrics.get('val_pgd_acc', nan))}")
+    if "val_robust_acc" in metrics:
+        said += f", PGD-{k}+CW-{k} {percent(metrics['val_robust_acc'])}"
+    if "selected_epoch" in metrics:
+        said += f" (the weights of epoch {metrics['selected_epoch'] + 1}/{cfg.optim.epochs}, the best on validation)"
+    return said
 
 
 def epoch_line(cfg: Config, metrics: dict) -> str:

@@ -1,6 +1,8 @@
 import json
 
 from dard.cli import main, pixel_value
+from dard.logs import percent
+from dard.models import load_model
 
 
 def test_pixel_value():
@@ -12,6 +14,11 @@ def test_train_teacher_then_evaluate(tmp_path, capsys):
     assert main(["train-teacher", "--arch", "cnn_small", "--epochs", "3", "--limit-train", "300", "--steps", "2",
                  "--out", str(out), "--no-progress"]) == 0
     assert out.exists() and (tmp_path / "teacher-run" / "checkpoint.pt").exists()
+    # the closing line says the accuracies of the epoch the model file holds, the PGD+CW one that chose it too
+    (said,) = [line for line in capsys.readouterr().out.splitlines() if "validation natural" in line]
+    meta = load_model(out)[1]["meta"]
+    kept = f"PGD-10+CW-10 {percent(meta['final_metrics']['val_robust_acc'])}"
+    assert said.endswith(f"{kept} (the weights of epoch {meta['selected_epoch'] + 1}/3, the best on validation)"), said
     # resuming a finished run trains nothing more and keeps its history
     assert main(["train-teacher", "--arch", "cnn_small", "--epochs", "3", "--limit-train", "300", "--steps", "2",
                  "--out", str(out), "--no-progress", "--resume"]) == 0
