@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dard.files import atomic_write, is_uri, read_bytes
-from dard.models.io import check_finite
+from dard.models.io import check_finite, refusal
 from dard.models.registry import unwrap
 
 
@@ -53,7 +53,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); delete it to restart "
+        raise CheckpointError(f"{path}: unreadable checkpoint ({refusal(err)}); delete it to restart "
                               "from scratch") from err
     for key in ("epoch", "model", "optimizer"):
         if key not in state:

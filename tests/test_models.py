@@ -102,9 +102,18 @@ class Evil:
 def test_pickled_objects_are_refused(tmp_path, capsys):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    with pytest.raises(ModelFileError):
+    with pytest.raises(ModelFileError) as refused:
         load_teacher(tmp_path / "evil.pt", "cnn_small", 10, 1)
     assert "must never run" not in capsys.readouterr().out
+    # the error names what the file holds, without torch's advice to load it with weights_only=False
+    assert "not a PyTorch file" in str(refused.value) and "weights_only" not in str(refused.value)  # a bare pickle
+    torch.save(build("cnn_small", 10, 1), tmp_path / "whole.pt")  # a whole module, as torch.save(model) writes it
+    (tmp_path / "model.json").write_text('{"arch": "cnn_small"}')
+    for path, why in (("whole.pt", "it holds a pickled dard.models.small_cnn.SmallCNN"),
+                      ("model.json", "not a PyTorch file: Unsupported operand 123")):
+        with pytest.raises(ModelFileError) as refused:
+            load_teacher(tmp_path / path, "cnn_small", 10, 1)
+        assert why in str(refused.value) and "weights_only" not in str(refused.value), refused.value
 
 
 def test_model_file_round_trip(tmp_path):

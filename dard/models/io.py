@@ -16,6 +16,7 @@ most research repos save them (a ``module.`` prefix from DataParallel is strippe
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,22 @@ def read_file(path: str | Path, data: bytes | None = None) -> Any:
     try:
         return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt zip, pickled classes, truncated file
-        raise ModelFileError(f"{path}: cannot be read as a weights-only PyTorch file ({type(err).__name__}: {err}). "
+        raise ModelFileError(f"{path}: cannot be read as a weights-only PyTorch file ({refusal(err)}). "
                              "Save models with torch.save(model.state_dict(), path) or `dard train-teacher`.") from err
+
+
+def refusal(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: torch's own message
+    goes on to advise loading it with ``weights_only=False`` or allow-listing its classes, which
+    would run code from the file."""
+    text = str(err)
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled:
+        return f"it holds a pickled {pickled.group(1)}, which dard never unpickles"
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:  # e.g. "Unsupported operand 123": not a PyTorch file at all (JSON, ONNX, ...)
+        return f"not a PyTorch file: {unpickler.group(1).strip()}"
+    return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else 'unreadable'}"
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
