@@ -613,8 +613,7 @@ def _registry_command(sub) -> None:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     """A model walked back: its run, data, shards, teacher and the teacher's run."""
-    from dard.lineage import walk
-    from dard.registry import load_reference
+    from dard.registry import load_reference, walk
     from dard.tracking import check_tracking_uri, client
 
     store, _ = client(check_tracking_uri(args.tracking_uri, existing=args.model.startswith("models:/")))

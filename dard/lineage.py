@@ -1,6 +1,7 @@
-"""Lineage: what a model was made from, recorded where it is trained and walked back from the
-registry (``dard lineage models:/NAME@ALIAS``): student -> its MLflow run -> the training data
-and the shards it read -> the teacher that made them -> the teacher's own run.
+"""Lineage: what a model was made from, recorded where it is trained (walked back from the
+registry by :func:`dard.registry.walk`, ``dard lineage models:/NAME@ALIAS``): student -> its
+MLflow run -> the training data and the shards it read -> the teacher that made them -> the
+teacher's own run.
 
 A run records it when its model is logged (:func:`dard.tracking.log_model`): as tags
 (``dard.teacher.*``, ``dard.shards.*``, ``dard.data.digest``) and as MLflow dataset inputs whose
@@ -76,40 +77,3 @@ def inputs(meta: dict[str, Any]) -> list:
         out.append(DatasetInput(MetaDataset(source, name=name, digest=shards["digest"])._to_mlflow_entity(),
                                 tags=[InputTag("mlflow.data.context", "teacher soft labels")]))
     return out
-
-
-def teacher_run(client, sha256: str | None):
-    """The MLflow run that logged the teacher's model file (found by its sha256), if any in this store."""
-    if not sha256:
-        return None
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`{TEACHER_RUN_TAG}` = '{sha256}'", max_results=1) if experiments else []
-    return runs[0] if runs else None
-
-
-def walk(model_file, client) -> list[str]:
-    """The lineage of a loaded model (a registry one: its run too), one line each, indented as it
-    goes back: student, its run, its data, its shards, its teacher, the teacher's run."""
-    meta = model_file.meta
-    lines = [f"{model_file.where}: {model_file.arch} ({model_file.method}) on {model_file.dataset}, sha256 "
-             f"{model_file.sha256}" + (f" [{model_file.header['registry']}]" if model_file.header.get("registry") else "")]
-    run_id = model_file.header.get("run_id")
-    if run_id:
-        run = client.get_run(run_id)
-        lines.append(f"  run {run_id} ({run.info.run_name}, {run.info.status}), epoch {meta.get('selected_epoch')} "
-                     f"held, val robust {meta.get('final_metrics', {}).get('val_robust_acc', float('nan')):.3f}")
-    data = meta.get("data") or {}
-    if data:
-        lines.append(f"  data: {data['name']} from {data['location']}, {data['samples']} samples, digest {data['digest']}")
-    shards = meta.get("shards") or {}
-    if shards:
-        lines.append(f"  shards: {shards.get('directory')}, fingerprint {shards.get('fingerprint')}, digest "
-                     f"{shards.get('digest', 'not recorded')}")
-    teacher = meta.get("teacher") or {}
-    if teacher:
-        lines.append(f"  teacher: {teacher.get('arch')} sha256 {teacher.get('sha256')} ({teacher.get('path')})")
-        found = teacher_run(client, teacher.get("sha256"))
-        lines.append(f"    its run {found.info.run_id} ({found.info.run_name}), val robust "
-                     f"{found.data.metrics.get('val_robust_acc', float('nan')):.3f}" if found else
-                     "    its run: none in this tracking store (trained elsewhere, or without tracking)")
-    return lines

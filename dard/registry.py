@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dard.card import model_card
 from dard.config import Config, from_dict
+from dard.lineage import TEACHER_RUN_TAG
 from dard.logs import percent
 from dard.modelfile import ModelFile, from_file
 from dard.models import file_sha256, load_model
@@ -272,3 +273,48 @@ def run_config(tracking_uri: str, run_id: str) -> Config:
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"run {run_id} has no {CONFIG_ARTIFACT} artifact: it was not logged by dard's training "
                             "or sweep") from err
+
+
+def teacher_run(client, sha256: str | None):
+    """The MLflow run that logged the teacher's model file (found by its sha256), if any in this store."""
+    if not sha256:
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{TEACHER_RUN_TAG}` = '{sha256}'", max_results=1) if experiments else []
+    return runs[0] if runs else None
+
+
+def walk(model_file, client) -> list[str]:
+    """The lineage of a loaded model (a registry one: its run too), one line each, indented as it
+    goes back: student, its run, its data, its shards, its teacher, the teacher's run. A run's
+    accuracy is that of the epoch its model holds, as promotion compares it."""
+    meta = model_file.meta
+    lines = [f"{model_file.where}: {model_file.arch} ({model_file.method}) on {model_file.dataset}, sha256 "
+             f"{model_file.sha256}" + (f" [{model_file.header['registry']}]" if model_file.header.get("registry") else "")]
+    run_id = model_file.header.get("run_id")
+    if run_id:
+        run = client.get_run(run_id)
+        held = (meta.get("final_metrics") or {}).get(METRIC, float("nan"))
+        lines.append(f"  run {run_id} ({run.info.run_name}, {run.info.status}), holds epoch "
+                     f"{meta.get('selected_epoch', -1) + 1}: validation robust accuracy {percent(held)}")
+    data = meta.get("data") or {}
+    if data:
+        lines.append(f"  data: {data['name']} from {data['location']}, {data['samples']} samples, digest {data['digest']}")
+    shards = meta.get("shards") or {}
+    if shards:
+        lines.append(f"  shards: {shards.get('directory')}, fingerprint {shards.get('fingerprint')}, digest "
+                     f"{shards.get('digest', 'not recorded')}")
+    teacher = meta.get("teacher") or {}
+    if teacher:
+        lines.append(f"  teacher: {teacher.get('arch')} sha256 {teacher.get('sha256')} ({teacher.get('path')})")
+        found = teacher_run(client, teacher.get("sha256"))
+        if found is None:
+            lines.append("    its run: none in this tracking store (trained elsewhere, or without tracking)")
+        else:
+            try:
+                held = (f", holds epoch {int(found.data.tags[SELECTED_EPOCH_TAG]) + 1}: validation robust accuracy "
+                        f"{percent(held_metric(client, found.info.run_id))}")
+            except (KeyError, TrackingError):  # a model file that names no epoch, or a run without validation
+                held = ""
+            lines.append(f"    its run {found.info.run_id} ({found.info.run_name}){held}")
+    return lines

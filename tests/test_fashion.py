@@ -4,6 +4,7 @@ sub-folder per class): a teacher, shards from Ray tasks, 2-worker DDP on Ray Tra
 student, the attack suite and an ONNX export that names the classes. (A sweep on a folder of
 images and the version it registers: tests/test_sweep.py.)"""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,11 @@ def test_a_folder_of_your_images_through_every_command(fashion_folder, ray_sessi
     capsys.readouterr()
     assert main(["lineage", champion, "--tracking-uri", uri]) == 0
     walked = capsys.readouterr().out
-    assert f"teacher: cnn_small sha256 {teacher_sha}" in walked and "its run " in walked and "shards: " in walked
+    assert f"teacher: cnn_small sha256 {teacher_sha}" in walked and "shards: " in walked
+    # each run with the accuracy of the epoch its model holds (what promotion compares), in the console's format
+    held = r"holds epoch 1: validation robust accuracy \d+\.\d%"
+    assert re.search(rf"\n  run {version.run_id} \(.*\), {held}\n", walked), walked
+    assert re.search(rf"\n    its run \w+ \(train-teacher sat cnn_small\), {held}$", walked.strip()), walked
     assert main(["export", "--model", champion, "--tracking-uri", uri, "--format", "onnx", "--limit", "50",
                  "--aa-limit", "5", "--out", str(tmp_path / "student.onnx")]) == 0
     assert json.loads(read_metadata(tmp_path / "student.onnx", "onnx")["dard.classes"]) == sorted(NAMES)
