@@ -29,7 +29,7 @@ def model_card(mf, evaluation: dict[str, Any] | None = None) -> str:
     metrics, epoch = meta.get("final_metrics") or {}, meta.get("selected_epoch")
     k = cfg.run.eval_pgd_steps
     if "val_robust_acc" in metrics:
-        lines += [f"**Validation** (the epoch it holds: {epoch} of 0-{cfg.optim.epochs - 1}, on "
+        lines += [f"**Validation** (the epoch it holds: {epoch + 1} of {cfg.optim.epochs}, on "
                   f"{metrics.get('val_samples', '?')} validation samples): natural {percent(metrics['val_natural_acc'])}, "
                   f"PGD-{k} {percent(metrics['val_pgd_acc'])}, surviving PGD-{k} and CW-{k} "
                   f"{percent(metrics['val_robust_acc'])}.", ""]

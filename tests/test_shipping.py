@@ -65,7 +65,8 @@ def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_pa
     assert tags["mlflow.user"] and tags["mlflow.source.name"] and "dard.config" not in tags
     # the run's note is the model card: what it is for, and the numbers of the epoch it holds
     assert tags["mlflow.note.content"].startswith("### cnn_small for digits, robust to L∞ perturbations of 0.2")
-    assert "**Validation** (the epoch it holds:" in tags["mlflow.note.content"]
+    held = int(tags["dard.selected_epoch"]) + 1  # counted from 1, as the console's epoch lines count
+    assert f"**Validation** (the epoch it holds: {held} of 2, on " in tags["mlflow.note.content"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits-train"]
     assert json.loads(Path(client.download_artifacts(student_run, "config.json", str(tmp_path))).read_text())[
         "loss"]["method"] == "sat"
