@@ -293,10 +293,11 @@ def walk(model_file, client) -> list[str]:
              f"{model_file.sha256}" + (f" [{model_file.header['registry']}]" if model_file.header.get("registry") else "")]
     run_id = model_file.header.get("run_id")
     if run_id:
-        run = client.get_run(run_id)
-        held = (meta.get("final_metrics") or {}).get(METRIC, float("nan"))
-        lines.append(f"  run {run_id} ({run.info.run_name}, {run.info.status}), holds epoch "
-                     f"{meta.get('selected_epoch', -1) + 1}: validation robust accuracy {percent(held)}")
+        run, epoch = client.get_run(run_id), meta.get("selected_epoch")
+        held = (meta.get("final_metrics") or {}).get(METRIC)
+        lines.append(f"  run {run_id} ({run.info.run_name}, {run.info.status})" + (
+            f", holds epoch {epoch + 1}: validation robust accuracy {percent(held)}"
+            if epoch is not None and held is not None else ""))
     data = meta.get("data") or {}
     if data:
         lines.append(f"  data: {data['name']} from {data['location']}, {data['samples']} samples, digest {data['digest']}")
@@ -312,9 +313,9 @@ def walk(model_file, client) -> list[str]:
             lines.append("    its run: none in this tracking store (trained elsewhere, or without tracking)")
         else:
             try:
-                held = (f", holds epoch {int(found.data.tags[SELECTED_EPOCH_TAG]) + 1}: validation robust accuracy "
+                said = (f", holds epoch {int(found.data.tags[SELECTED_EPOCH_TAG]) + 1}: validation robust accuracy "
                         f"{percent(held_metric(client, found.info.run_id))}")
             except (KeyError, TrackingError):  # a model file that names no epoch, or a run without validation
-                held = ""
-            lines.append(f"    its run {found.info.run_id} ({found.info.run_name}){held}")
+                said = ""
+            lines.append(f"    its run {found.info.run_id} ({found.info.run_name}){said}")
     return lines
