@@ -14,7 +14,7 @@ import yaml
 from dard import logs
 from dard.config import (DATASETS, DIVERGENCES, DPGD_LOSSES, EVAL_ATTACKS, EXPORT_FORMATS, METHODS, STEP_SCHEDULES,
                          Config, ConfigError, deep_merge, default_sections, load_strict, read_yaml, teacher_config)
-from dard.logs import one_line
+from dard.logs import one_line, percent
 
 log = logging.getLogger("dard")
 
@@ -377,8 +377,8 @@ def cmd_video(args: argparse.Namespace) -> int:
     r = run_video(args.input, mf, attack=args.attack, out=out, eps=args.eps, step_size=args.step_size,
                   labels_path=labels)
     eps = r.eps
-    print(f"{r.frames} frames, attack {args.attack} (eps {eps:.4g}): flip rate {100 * r.flip_rate:.1f}%"
-          + (f", accuracy natural {100 * r.natural_accuracy:.1f}% -> attacked {100 * r.adversarial_accuracy:.1f}%"
+    print(f"{r.frames} frames, attack {args.attack} (eps {eps:.4g}): flip rate {percent(r.flip_rate)}"
+          + (f", accuracy natural {percent(r.natural_accuracy)} -> attacked {percent(r.adversarial_accuracy)}"
              if r.natural_accuracy is not None else ""))
     print(f"video: {r.video}\nper-frame CSV: {r.csv}")
     return 0
@@ -442,7 +442,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from dard.logs import percent
     from dard.registry import METRIC, promote, run_config, show
     from dard.tracking import check_tracking_uri
 
