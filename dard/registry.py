@@ -11,6 +11,7 @@ and checked against the recorded sha256, so a tampered registry entry cannot run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dard.card import model_card
-from dard.config import Config, from_dict
+from dard.config import Config, from_dict, to_dict
 from dard.lineage import TEACHER_RUN_TAG
 from dard.logs import percent
 from dard.modelfile import ModelFile, from_file
@@ -30,6 +31,7 @@ from dard.tracking import (CONFIG_ARTIFACT, CONFIG_TAG, LOGGED_MODEL_TAG, MODEL_
 
 ALIAS = "champion"
 METRIC = "val_robust_acc"
+VALIDATION_TAG = "dard.validation"  # what METRIC was measured on (:func:`validation`): only equal ones compare
 
 
 def load_reference(ref: str, tracking_uri: str | None = None):
@@ -107,6 +109,7 @@ class Promotion:
     moved: bool
     already_registered: bool = False
     unusable: bool = False  # the metric was not a finite number in [0, 1]
+    validated_apart: tuple[str, str] | None = None  # (the champion's validation, this one's) when they differ
 
     def summary(self) -> str:
         """One line: the version registered and what it did to the champion alias."""
@@ -119,12 +122,34 @@ class Promotion:
         if self.moved:
             return f"{head}: the new champion" + (f" (was v{self.previous_champion}, {percent(self.previous_metric)})"
                                                   if self.previous_champion else "")
+        if self.validated_apart:
+            theirs, ours = self.validated_apart
+            return (f"{head}: not comparable with champion v{self.previous_champion} ({percent(self.previous_metric)}), "
+                    f"validated on {theirs}, this one on {ours}; alias unchanged (compare them on one test split with "
+                    "`dard evaluate`)")
         return (f"{head}: did not beat champion v{self.previous_champion} ({percent(self.previous_metric)}); "
                 "alias unchanged")
 
 
 def model_name(cfg) -> str:
     return f"dard-{cfg.data.dataset}-{cfg.model.arch}"
+
+
+# the fields of the data config that fix which images the validation split holds (not the training set's)
+_VALIDATION_SPLIT = ("dataset", "source", "fingerprint", "test_source", "image_column", "label_column", "image_size",
+                     "channels", "classes", "split_seed", "val_fraction", "test_fraction")
+
+
+def validation(cfg) -> str:
+    """What a run's validation accuracy was measured on, in words and a digest: two runs' numbers
+    compare only if this is the same (the same validation images, attacked alike). A folder read
+    again at another path keeps its fingerprint and compares."""
+    data = to_dict(cfg)["data"]
+    split = {k: data.get(k) for k in _VALIDATION_SPLIT if not (k == "source" and data.get("fingerprint"))}
+    digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:12]
+    a, k, limit = cfg.attack, cfg.run.eval_pgd_steps, cfg.run.eval_limit
+    return (f"{'all' if limit is None else f'up to {limit}'} samples of the {cfg.data.dataset} validation split "
+            f"{digest}, PGD-{k} and CW-{k} at eps {a.eps:.4g} (step {a.step_size:.4g})")
 
 
 def held_metric(client, run_id: str) -> float:
@@ -169,20 +194,24 @@ def promote(tracking_uri: str, run_id: str, cfg, name: str | None = None, metric
     metric = held_metric(client, run_id) if metric is None else metric
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
         version = mlflow.register_model(f"models:/{logged}", name).version
+    validated = validation(cfg)
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
-            "dard.method": cfg.loss.method, "dard.run_id": run_id, MODEL_SHA256_TAG: digest}
+            "dard.method": cfg.loss.method, "dard.run_id": run_id, MODEL_SHA256_TAG: digest,
+            VALIDATION_TAG: validated}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if run_tags.get("mlflow.note.content"):
         client.update_model_version(name, version, description=run_tags["mlflow.note.content"])
-    previous, previous_metric = None, None
+    previous, previous_metric, apart = None, None, None
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
         previous, previous_metric = current.version, float(current.tags.get(METRIC, "nan"))
+        theirs = current.tags.get(VALIDATION_TAG)  # None: registered before dard recorded it; compared as it was
+        apart = (theirs, validated) if theirs not in (None, validated) else None
     except mlflow.exceptions.MlflowException:
         pass  # no champion yet
     valid = usable(metric)
-    moved = valid and (previous is None or not usable(previous_metric) or metric > previous_metric)
+    moved = valid and (previous is None or not usable(previous_metric) or (apart is None and metric > previous_metric))
     client.set_model_version_tag(name, version, "champion_at_registration",
                                  "none" if previous is None else f"v{previous} ({METRIC} {percent(previous_metric)})")
     if moved:
@@ -190,7 +219,8 @@ def promote(tracking_uri: str, run_id: str, cfg, name: str | None = None, metric
         if run_tags.get("mlflow.note.content"):  # the champion's card is the registered model's
             client.update_registered_model(name, description=run_tags["mlflow.note.content"])
     client.set_model_version_tag(name, version, "promoted", str(moved).lower())
-    return Promotion(name, str(version), metric, previous, previous_metric, moved, unusable=not valid)
+    return Promotion(name, str(version), metric, previous, previous_metric, moved, unusable=not valid,
+                     validated_apart=apart if valid and usable(previous_metric) else None)
 
 
 def record_evaluation(tracking_uri: str, model_file, report, paths: dict) -> str:

@@ -9,12 +9,13 @@ from dard.registry import METRIC, show
 from tests.conftest import HANG_S
 
 
-def logged_run(tmp_path, uri, metric: float, lr: float, later: float | None = None) -> str:
+def logged_run(tmp_path, uri, metric: float, lr: float, later: float | None = None, **sections) -> str:
     """An MLflow run as a training leaves it: its config as params, its METRIC per epoch, its model
-    (of epoch 0) logged; ``later``: a worse METRIC at epoch 1, which the model does not hold."""
+    (of epoch 0) logged; ``later``: a worse METRIC at epoch 1, which the model does not hold;
+    ``sections``: more of the config (``attack={"eps": 0.1}``)."""
     from dard.tracking import EpochLogger, log_model
 
-    cfg = Config.for_dataset("digits", model={"arch": "cnn_small"}, optim={"lr": lr})
+    cfg = Config.for_dataset("digits", model={"arch": "cnn_small"}, optim={"lr": lr}, **sections)
     path = save_model(tmp_path / f"m-{lr}.pt", build("cnn_small", 10, 1), arch="cnn_small", num_classes=10,
                       in_channels=1, dataset="digits", meta={"config": cfg.to_dict(), "selected_epoch": 0})
     logger = EpochLogger({"uri": uri, "experiment": "t"}, cfg)
@@ -72,6 +73,31 @@ def test_registry_promote_moves_the_champion_only_for_a_better_run(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no config.json artifact" in err, err
     assert len(show(uri, name)) == 3
+
+
+def test_a_champion_is_beaten_only_by_a_run_validated_alike(tmp_path, capsys):
+    """A run validated at a smaller eps, or on other images, scores higher without being more
+    robust: it is registered, the alias stays and the line says why; a run validated alike moves it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "dard-digits-cnn_small"
+    champion, easier, elsewhere, alike = (logged_run(tmp_path, uri, m, lr, **sections) for m, lr, sections in (
+        (0.4, 0.1, {}), (0.9, 0.2, {"attack": {"eps": 0.1}}), (0.8, 0.3, {"data": {"split_seed": 1}}),
+        (0.5, 0.4, {"data": {"limit_train": 100}})))  # the training set does not change the validation split
+    capsys.readouterr()
+
+    def promote(run_id: str) -> str:
+        assert main(["registry", "promote", "--run-id", run_id, "--tracking-uri", uri]) == 0
+        return capsys.readouterr().out
+
+    assert "the new champion" in promote(champion)
+    said = promote(easier)
+    assert "v2 (val_robust_acc 90.0%): not comparable with champion v1 (40.0%), validated on all samples of the " \
+           "digits validation split" in said and "at eps 0.2 (step 0.05), this one on all samples" in said, said
+    assert "at eps 0.1 (step 0.05); alias unchanged" in said, said
+    assert "not comparable with champion v1" in promote(elsewhere)
+    assert [v["aliases"] for v in show(uri, name)][-1] == ["champion"]
+    assert "the new champion (was v1, 40.0%)" in promote(alike)
+    assert show(uri, name)[0]["aliases"] == ["champion"]
 
 
 def _one_run(uri: str, index: int, results) -> None:
