@@ -18,19 +18,27 @@ from dard.config import Config, to_dict
 from dard.shards import PINNED_DATA, ShardSet
 
 TEACHER_RUN_TAG = "dard.model_sha256"  # a run that logged a model file carries its sha256 (dard.tracking)
+VALIDATION_DATA_TAG = "dard.data.validation"  # "N samples DIGEST": the validation images a run is scored on
 
 
-def data_record(cfg: Config, train) -> dict[str, Any]:
+def data_record(cfg: Config, train, val=None) -> dict[str, Any]:
     """The training split a run learns from: its name, where it lives, its size and a digest of its
     content (a preset's images and labels, hashed; a source's listing fingerprint and the pinned
-    fields that carve the split from it: decoding a large source again would cost a pass over it)."""
+    fields that carve the split from it: decoding a large source again would cost a pass over it).
+    ``val``: the validation samples it is scored on (already decoded), recorded as their count and a
+    digest of their images and labels (``validation``): two runs' scores compare only if these match."""
     d = cfg.data
     h = hashlib.sha256(json.dumps({k: to_dict(cfg)["data"].get(k) for k in PINNED_DATA}, sort_keys=True).encode())
     if d.preset:
         h.update(train.images.numpy().tobytes())
         h.update(train.labels.numpy().tobytes())
     location = d.source or (d.data_dir or ("sklearn.datasets.load_digits" if d.dataset == "digits" else d.dataset))
-    return {"name": f"{d.dataset}-train", "location": location, "samples": len(train), "digest": h.hexdigest()[:32]}
+    record = {"name": f"{d.dataset}-train", "location": location, "samples": len(train), "digest": h.hexdigest()[:32]}
+    if val is not None:
+        v = hashlib.sha256(val.images.numpy().tobytes())
+        v.update(val.labels.numpy().tobytes())
+        record["validation"] = {"samples": len(val), "digest": v.hexdigest()[:16]}
+    return record
 
 
 def shards_record(shards: ShardSet) -> dict[str, Any]:
@@ -55,6 +63,9 @@ def tags(meta: dict[str, Any]) -> dict[str, str]:
             out[f"dard.shards.{key}"] = str(meta["shards"][key])
     if (meta.get("data") or {}).get("digest"):
         out["dard.data.digest"] = meta["data"]["digest"]
+    validation = (meta.get("data") or {}).get("validation")
+    if validation:
+        out[VALIDATION_DATA_TAG] = f"{validation['samples']} samples {validation['digest']}"
     return out
 
 

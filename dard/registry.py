@@ -11,7 +11,6 @@ and checked against the recorded sha256, so a tampered registry entry cannot run
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dard.card import model_card
-from dard.config import Config, from_dict, to_dict
-from dard.lineage import TEACHER_RUN_TAG
+from dard.config import Config, from_dict
+from dard.lineage import TEACHER_RUN_TAG, VALIDATION_DATA_TAG
 from dard.logs import percent
 from dard.modelfile import ModelFile, from_file
 from dard.models import file_sha256, load_model
@@ -135,21 +134,15 @@ def model_name(cfg) -> str:
     return f"dard-{cfg.data.dataset}-{cfg.model.arch}"
 
 
-# the fields of the data config that fix which images the validation split holds (not the training set's)
-_VALIDATION_SPLIT = ("dataset", "source", "fingerprint", "test_source", "image_column", "label_column", "image_size",
-                     "channels", "classes", "split_seed", "val_fraction", "test_fraction")
-
-
-def validation(cfg) -> str:
-    """What a run's validation accuracy was measured on, in words and a digest: two runs' numbers
-    compare only if this is the same (the same validation images, attacked alike). A folder read
-    again at another path keeps its fingerprint and compares."""
-    data = to_dict(cfg)["data"]
-    split = {k: data.get(k) for k in _VALIDATION_SPLIT if not (k == "source" and data.get("fingerprint"))}
-    digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:12]
-    a, k, limit = cfg.attack, cfg.run.eval_pgd_steps, cfg.run.eval_limit
-    return (f"{'all' if limit is None else f'up to {limit}'} samples of the {cfg.data.dataset} validation split "
-            f"{digest}, PGD-{k} and CW-{k} at eps {a.eps:.4g} (step {a.step_size:.4g})")
+def validation(cfg, run_tags: dict) -> str | None:
+    """What a run's validation accuracy was measured on: its validation images (their count and
+    digest, tagged on the run when its model was logged) and the attacks (eps, step, steps). Two
+    runs' numbers compare only if this is the same; None for a run logged before dard recorded it."""
+    images = run_tags.get(VALIDATION_DATA_TAG)
+    if images is None:
+        return None
+    a, k = cfg.attack, cfg.run.eval_pgd_steps
+    return f"{images} of {cfg.data.dataset}, PGD-{k} and CW-{k} at eps {a.eps:.4g} (step {a.step_size:.4g})"
 
 
 def held_metric(client, run_id: str) -> float:
@@ -194,10 +187,10 @@ def promote(tracking_uri: str, run_id: str, cfg, name: str | None = None, metric
     metric = held_metric(client, run_id) if metric is None else metric
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered model ..." there
         version = mlflow.register_model(f"models:/{logged}", name).version
-    validated = validation(cfg)
+    validated = validation(cfg, run_tags)
     tags = {METRIC: f"{metric:.6f}", "dard.dataset": cfg.data.dataset, "dard.arch": cfg.model.arch,
             "dard.method": cfg.loss.method, "dard.run_id": run_id, MODEL_SHA256_TAG: digest,
-            VALIDATION_TAG: validated}
+            **({VALIDATION_TAG: validated} if validated else {})}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if run_tags.get("mlflow.note.content"):
@@ -206,8 +199,8 @@ def promote(tracking_uri: str, run_id: str, cfg, name: str | None = None, metric
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
         previous, previous_metric = current.version, float(current.tags.get(METRIC, "nan"))
-        theirs = current.tags.get(VALIDATION_TAG)  # None: registered before dard recorded it; compared as it was
-        apart = (theirs, validated) if theirs not in (None, validated) else None
+        theirs = current.tags.get(VALIDATION_TAG)  # None on either side (logged before dard recorded it): compared
+        apart = (theirs, validated) if None not in (theirs, validated) and theirs != validated else None
     except mlflow.exceptions.MlflowException:
         pass  # no champion yet
     valid = usable(metric)

@@ -275,7 +275,7 @@ def prepare(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch
     # rank 0 validates on the first eval_limit samples: decoded once (a source's), kept for every epoch
     val = splits.val.head(cfg.run.eval_limit) if rank == 0 else None
     return Run(cfg, model, optimizer, scheduler, device, with_online_teacher(source, online), steps, val,
-               teacher, shard_info, data_record(cfg, splits.train) if rank == 0 else None)
+               teacher, shard_info, data_record(cfg, splits.train, val) if rank == 0 else None)
 
 
 def fit(cfg: Config, *, teacher_path: str | Path | None = None, teacher_arch: str | None = None,

@@ -78,6 +78,10 @@ def test_a_folder_of_your_images_through_every_command(fashion_folder, ray_sessi
     run = client.get_run(version.run_id)
     teacher_sha = __import__("dard.models", fromlist=["file_sha256"]).file_sha256(teacher)
     assert run.data.tags["dard.teacher.sha256"] == teacher_sha and run.data.tags["dard.shards.digest"]
+    # what its validation accuracy was measured on (the images it scored), which the champion rule compares
+    scored = int(run.data.metrics["val_samples"])
+    assert re.fullmatch(rf"{scored} samples [0-9a-f]{{16}}", run.data.tags["dard.data.validation"])
+    assert version.tags["dard.validation"].startswith(run.data.tags["dard.data.validation"] + " of fashion-png, PGD-")
     digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert digests["fashion-png-shards"] == run.data.tags["dard.shards.digest"] and "fashion-png-train" in digests
     capsys.readouterr()

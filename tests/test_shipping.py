@@ -2,6 +2,7 @@
 registered champion loads and serves where only MLflow and torch are installed (no dard)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,6 +66,7 @@ def test_every_training_path_registers_and_the_champion_runs_without_dard(tmp_pa
     assert tags["mlflow.user"] and tags["mlflow.source.name"] and "dard.config" not in tags
     # the run's note is the model card: what it is for, and the numbers of the epoch it holds
     assert tags["mlflow.note.content"].startswith("### cnn_small for digits, robust to L∞ perturbations of 0.2")
+    assert re.fullmatch(r"\d+ samples [0-9a-f]{16}", tags["dard.data.validation"])  # what it was validated on
     held = int(tags["dard.selected_epoch"]) + 1  # counted from 1, as the console's epoch lines count
     assert f"**Validation** (the epoch it holds: {held} of 2, on " in tags["mlflow.note.content"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits-train"]
