@@ -23,6 +23,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def _ended_trials_callback():
             result = trial.last_result or {}
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in trial.config.items() if k != "method")
-            held = _held_epoch(result) if "checkpoint_path" in result else {}
+            held = _held_epoch(result["checkpoint_path"]) if "checkpoint_path" in result else {}
             kept = (f"keeps epoch {held['epoch'] + 1}: validation robust accuracy {percent(held[OBJECTIVE])}"
                     if OBJECTIVE in held else "validation robust accuracy n/a")
             print(f"trial {trial.trial_id}: {result.get('epoch', -1) + 1} epochs, {kept} ({params})", flush=True)
@@ -322,14 +323,16 @@ def _best(finished: list) -> tuple[dict, Any]:
     """(the metrics of the epoch it keeps, its Tune result) of the trial whose model would register
     best: ranked by the validation robust accuracy of the epoch each trial keeps, not of its last
     epoch (the first wins a tie)."""
-    return max(((_held_epoch(r.metrics), r) for r in finished), key=lambda pair: pair[0][OBJECTIVE])
+    kept, best = max(((_held_epoch(r.metrics["checkpoint_path"]), r) for r in finished),
+                     key=lambda pair: pair[0][OBJECTIVE])
+    return dict(kept), best  # a copy: the cached record stays as read
 
 
-def _held_epoch(result: dict) -> dict:
-    """The metrics of the epoch whose weights a trial keeps (its last checkpoint's selected epoch,
-    :func:`dard.checkpoint.selected`: the best on validation), from a Tune ``result`` that names the
-    checkpoint."""
-    state = load_checkpoint(within(result["checkpoint_path"], "checkpoint.pt"))
+@cache  # a reported checkpoint never changes: the trial's line and the ranking read it once (a download from S3)
+def _held_epoch(checkpoint_path: str) -> dict:
+    """The metrics of the epoch whose weights a trial keeps (its checkpoint's selected epoch,
+    :func:`dard.checkpoint.selected`: the best on validation), from the checkpoint a Tune result names."""
+    state = load_checkpoint(within(checkpoint_path, "checkpoint.pt"))
     epoch = selected(state)[1]
     return next(h for h in state["history"] if h.get("epoch") == epoch)
 
